@@ -1,0 +1,28 @@
+# The README's two commands: `make quickstart` and `make test`. Each sets up .venv on first use.
+VENV ?= .venv
+PYTHON ?= python3
+# The CPU wheel on a CPU machine; on a GPU machine: make test TORCH=torch
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: quickstart test lint setup clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+quickstart: $(BIN)/.installed
+	$(BIN)/rlcpm validate recipes/quickstart.yaml
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check rlcpm tests benchmarks
+
+test: lint
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -1,0 +1,145 @@
+"""The `rlcpm` command line: validate, train, sft, quickstart, report, freq, bench."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rlcpm import __version__
+from rlcpm.errors import RecipeError, RlcpmError
+
+EXIT_BAD_INPUT = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return EXIT_BAD_INPUT
+    try:
+        return int(args.handler(args) or 0)
+    except RecipeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except RlcpmError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: whatever was checkpointed is kept", file=sys.stderr)
+        return 130
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlcpm", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"rlcpm {__version__}")
+    sub = parser.add_subparsers(dest="command")
+
+    p = sub.add_parser("validate", help="check a recipe and print it resolved (exit 2 on errors)")
+    _recipe_args(p)
+    p.set_defaults(handler=_validate)
+
+    p = sub.add_parser("train", help="run a recipe (GRPO, DPO or SFT)")
+    _recipe_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in run_dir")
+    p.set_defaults(handler=_train)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning of a recipe (algorithm forced to sft)")
+    _recipe_args(p)
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(handler=_sft)
+
+    p = sub.add_parser("quickstart", help="build a tiny model, then RL-train it on arithmetic (CPU, minutes)")
+    p.add_argument("--run-dir", default="runs/quickstart")
+    p.add_argument("--recipe", default=None, help="default: the packaged quickstart recipe")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.total_steps=5")
+    p.set_defaults(handler=_quickstart)
+
+    p = sub.add_parser("report", help="write PNG plots of a run's metrics.jsonl")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="default: RUN_DIR/plots")
+    p.set_defaults(handler=_report)
+
+    p = sub.add_parser("freq", help="FR-Spec: rank token ids by frequency in a corpus")
+    p.add_argument("dataset", help="a JSONL/JSON/Parquet/CSV file or a datasets directory")
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--top-k", type=int, default=32768)
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument(
+        "--fields", nargs="*", default=None, help="text columns to count (default: prompt, response)"
+    )
+    p.set_defaults(handler=_freq)
+
+    p = sub.add_parser("bench", help="run a benchmark from benchmarks/ by name")
+    p.add_argument("name")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(handler=_bench)
+    return parser
+
+
+def _recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. learner.lr=1e-5 rollout.chunk_tokens=512"
+    )
+
+
+def _validate(args) -> int:
+    from rlcpm.config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    print(recipe.to_yaml(), end="")
+    return 0
+
+
+def _train(args) -> int:
+    from rlcpm.config import load_recipe
+    from rlcpm.trainer import train
+
+    train(load_recipe(args.recipe, args.overrides), resume=args.resume)
+    return 0
+
+
+def _sft(args) -> int:
+    from rlcpm.config import load_recipe
+    from rlcpm.trainer import train
+
+    recipe = load_recipe(args.recipe, [*args.overrides, "algorithm.name=sft"])
+    train(recipe, resume=args.resume)
+    return 0
+
+
+def _quickstart(args) -> int:
+    from rlcpm.quickstart import run_quickstart
+
+    run_quickstart(run_dir=args.run_dir, recipe_path=args.recipe, overrides=args.overrides)
+    return 0
+
+
+def _report(args) -> int:
+    from rlcpm.report import write_report
+
+    for path in write_report(args.run_dir, args.out):
+        print(path)
+    return 0
+
+
+def _freq(args) -> int:
+    from rlcpm.rollout.frspec import build_frequency_file
+
+    build_frequency_file(
+        args.dataset, args.tokenizer, top_k=args.top_k, output=args.output, fields=args.fields
+    )
+    return 0
+
+
+def _bench(args) -> int:
+    import runpy
+
+    sys.argv = [f"benchmarks.{args.name}", *args.args]
+    runpy.run_module(f"benchmarks.{args.name}", run_name="__main__")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

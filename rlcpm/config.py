@@ -1,0 +1,606 @@
+"""The recipe schema (pydantic v2), YAML loading with `extends:`, and dotted command-line overrides.
+
+A recipe is one typed object. Each fact lives in one place; nothing in YAML is evaluated as code.
+Every problem in a recipe is reported at once, with its key path, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+
+from rlcpm.errors import RecipeError
+
+
+class Section(BaseModel):
+    """Base of every recipe section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+# ----------------------------------------------------------------------------------------- model
+
+
+class SparseAttentionConfig(Section):
+    """InfLLM v2 settings (SPECS §2); the defaults are MiniCPM4's `sparse_config`."""
+
+    kernel_size: int = Field(32, gt=0)
+    kernel_stride: int = Field(16, gt=0)
+    block_size: int = Field(64, gt=0)
+    init_blocks: int = Field(1, ge=0)
+    window_size: int = Field(2048, ge=0)
+    topk: int = Field(64, gt=0)
+    dense_len: int = Field(
+        8192, ge=-1, description="KV length below which attention is dense; -1: always sparse"
+    )
+    use_nope: bool = False
+    lse_approx: bool = Field(
+        True, description="stage-1 LSE approximation over coarse keys (False: exact softmax)"
+    )
+
+
+class TinyModelConfig(Section):
+    """Build a tiny random-weight model on the fly (tests, smoke runs): rlcpm.models.tiny."""
+
+    model_type: Literal["llama", "qwen2", "qwen3", "minicpm"] = "llama"
+    hidden_size: int = Field(64, gt=0)
+    intermediate_size: int = Field(128, gt=0)
+    num_hidden_layers: int = Field(2, gt=0)
+    num_attention_heads: int = Field(4, gt=0)
+    num_key_value_heads: int = Field(2, gt=0)
+    vocab_size: int | None = Field(None, gt=0, description="None: the tokenizer's size")
+    max_position_embeddings: int = Field(2048, gt=0)
+    tie_word_embeddings: bool = False
+    seed: int = 0
+
+
+class ModelConfig(Section):
+    path: str | None = Field(None, description="Hugging Face model directory (config.json + safetensors)")
+    tiny: TinyModelConfig | None = Field(
+        None, description="build a tiny random model instead of loading `path`"
+    )
+    tokenizer: str | None = Field(None, description="tokenizer directory; default: the model path")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    attention: Literal["dense", "sparse"] = "dense"
+    sparse_attention: SparseAttentionConfig | None = Field(
+        None, description="overrides the checkpoint's sparse_config; used when attention: sparse"
+    )
+    gradient_checkpointing: bool = False
+    chat_template: str | None = Field(None, description="Jinja chat template overriding the tokenizer's")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelConfig:
+        if self.path is None and self.tiny is None:
+            raise ValueError("set model.path (a Hugging Face directory) or model.tiny (a tiny random model)")
+        return self
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+class SyntheticData(Section):
+    """A seeded synthetic task from rlcpm.data.synthetic."""
+
+    task: Literal["arithmetic", "code", "tool_use", "preference"]
+    num_samples: int = Field(1000, gt=0)
+    seed: int = 0
+    options: dict[str, Any] = Field(default_factory=dict, description="task-specific generator options")
+
+
+class FieldMap(Section):
+    """Which column of a dataset row holds which field (missing optional columns are fine)."""
+
+    prompt: str = "prompt"
+    messages: str = "messages"
+    answer: str = "answer"
+    tests: str = "tests"
+    tools: str = "tools"
+    expected_calls: str = "expected_calls"
+    chosen: str = "chosen"
+    rejected: str = "rejected"
+    response: str = "response"
+    id: str = "id"
+
+
+DataSource = str | SyntheticData
+
+
+class DataConfig(Section):
+    train: DataSource = Field(
+        description="a file/directory path, or {task: arithmetic, ...} for synthetic data"
+    )
+    eval: DataSource | None = None
+    format: Literal["auto", "jsonl", "json", "parquet", "csv", "arrow"] = "auto"
+    fields: FieldMap = Field(default_factory=FieldMap)
+    system_prompt: str | None = None
+    apply_chat_template: bool = True
+    skip_invalid: bool = Field(False, description="skip and count malformed rows instead of failing")
+    shuffle: bool = True
+    max_prompt_tokens: int = Field(1024, gt=0)
+
+
+# --------------------------------------------------------------------------------------- rewards
+
+
+class RewardSpec(Section):
+    """One reward term: a registered `name` or an importable `fn: "pkg.module:function"`."""
+
+    name: str | None = None
+    fn: str | None = Field(None, description='"package.module:function"')
+    weight: float = 1.0
+    timeout_s: float | None = Field(None, gt=0)
+    on_error: Literal["zero", "drop"] = Field(
+        "zero", description="score 0.0, or drop the sample from the batch"
+    )
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra keyword arguments of the reward")
+
+    @model_validator(mode="after")
+    def _name_or_fn(self) -> RewardSpec:
+        if (self.name is None) == (self.fn is None):
+            raise ValueError("give exactly one of `name` (a registered reward) or `fn` ('module:function')")
+        if self.fn is not None and ":" not in self.fn:
+            raise ValueError(f"fn must look like 'package.module:function', got {self.fn!r}")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or str(self.fn).rsplit(":", 1)[-1]
+
+
+# ------------------------------------------------------------------------------------- algorithm
+
+
+class OverlongPenalty(Section):
+    """DAPO soft overlong punishment: linear penalty in the last `buffer_tokens` before the limit."""
+
+    buffer_tokens: int = Field(256, gt=0)
+    penalty: float = Field(1.0, ge=0)
+
+
+class RepetitionFilter(Section):
+    """Drop responses whose n-gram repetition is too high from the loss (SPECS §1)."""
+
+    ngram: int = Field(8, gt=1)
+    max_repeat_fraction: float = Field(0.5, gt=0, le=1)
+
+
+class GRPOConfig(Section):
+    """GRPO / DAPO with chunk-level importance sampling (SPECS §1)."""
+
+    name: Literal["grpo"] = "grpo"
+    groups_per_step: int = Field(8, gt=0, description="N: prompt groups per training batch")
+    mini_batches: int = Field(
+        1, gt=0, description="optimizer updates per RL step (batch split in mini-batches)"
+    )
+    advantage: Literal["grpo", "dr_grpo", "rloo"] = "grpo"
+    std_eps: float = Field(1e-6, gt=0)
+    eps_low: float = Field(0.2, ge=0)
+    eps_high: float = Field(0.28, ge=0)
+    dual_clip: float | None = Field(3.0, gt=1, description="c of dual-clip (A<0 only); null disables")
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = "token-mean"
+    ratio_level: Literal["token", "sequence"] = Field("token", description="sequence: GSPO")
+    kl_coef: float = Field(0.001, ge=0)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_in: Literal["loss", "reward"] = "loss"
+    ref_refresh_every: int | None = Field(
+        None, gt=0, description="copy the policy into the reference every K steps"
+    )
+    entropy_coef: float = Field(0.0, ge=0)
+    dynamic_sampling: bool = True
+    max_oversample: float = Field(
+        4.0, ge=1, description="stop over-sampling after this many x N groups tried"
+    )
+    overlong_filter: bool = True
+    overlong_penalty: OverlongPenalty | None = None
+    repetition_filter: RepetitionFilter | None = None
+
+    @model_validator(mode="after")
+    def _clip_higher(self) -> GRPOConfig:
+        if self.eps_high < self.eps_low:
+            raise ValueError(f"eps_high ({self.eps_high}) must be >= eps_low ({self.eps_low}) (clip-higher)")
+        return self
+
+
+class DPOConfig(Section):
+    name: Literal["dpo"] = "dpo"
+    beta: float = Field(0.1, gt=0)
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="cDPO (sigmoid only)")
+    pairs_per_step: int = Field(16, gt=0)
+    precompute_ref: bool = True
+    max_seq_len: int = Field(1024, gt=0)
+
+
+class SFTConfig(Section):
+    name: Literal["sft"] = "sft"
+    epochs: float = Field(1.0, gt=0)
+    samples_per_step: int = Field(32, gt=0)
+    max_seq_len: int = Field(1024, gt=0)
+
+
+def _algorithm_name(value: Any) -> str:
+    """The `name` tag of an algorithm section; grpo when left out."""
+    if isinstance(value, dict):
+        return value.get("name", "grpo")
+    return getattr(value, "name", "grpo")
+
+
+AlgorithmConfig = Annotated[
+    Annotated[GRPOConfig, Tag("grpo")] | Annotated[DPOConfig, Tag("dpo")] | Annotated[SFTConfig, Tag("sft")],
+    Discriminator(
+        _algorithm_name,
+        custom_error_type="invalid_algorithm",
+        custom_error_message="algorithm.name must be one of 'grpo', 'dpo', 'sft'",
+    ),
+]
+
+
+# --------------------------------------------------------------------------------------- rollout
+
+
+class SpeculativeConfig(Section):
+    draft: str = Field(description="draft model directory sharing the target's tokenizer")
+    num_draft_tokens: int = Field(4, gt=0)
+    frspec_vocab: str | None = Field(None, description="frequency-ranked vocabulary file from `rlcpm freq`")
+
+
+class RolloutConfig(Section):
+    engine: Literal["rlcpm", "vllm"] = "rlcpm"
+    workers: int = Field(1, gt=0)
+    n_samples: int = Field(8, gt=0, description="G: samples per prompt")
+    chunk_tokens: int | None = Field(
+        None, gt=0, description="max new tokens per trajectory per step; null: synchronous"
+    )
+    max_new_tokens: int = Field(1024, gt=0, description="global response length limit")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(-1, ge=-1, description="-1: disabled")
+    stop: list[str] = Field(default_factory=list)
+    stop_token_ids: list[int] = Field(default_factory=list)
+    max_batch_seqs: int = Field(64, gt=0)
+    max_batch_tokens: int = Field(8192, gt=0)
+    kv_budget_gb: float | None = Field(
+        None, gt=0, description="KV cache memory; null: a safe fraction of free memory"
+    )
+    max_staleness: int = Field(0, ge=0, description="one-step overlap of rollout and training when 1")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    speculative: SpeculativeConfig | None = None
+
+    @model_validator(mode="after")
+    def _chunk_le_max(self) -> RolloutConfig:
+        if self.max_staleness > 1:
+            raise ValueError("max_staleness > 1 is not supported (0: synchronous, 1: one-step overlap)")
+        return self
+
+
+# --------------------------------------------------------------------------------------- learner
+
+
+class OptimizerConfig(Section):
+    name: Literal["adamw"] = "adamw"
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class ScheduleConfig(Section):
+    """constant, cosine, or WSD (SPECS §5): warmup, stable, decay of the last `decay_fraction`."""
+
+    name: Literal["constant", "cosine", "wsd"] = "constant"
+    warmup_steps: int = Field(0, ge=0)
+    decay_fraction: float = Field(0.1, ge=0, le=1)
+    decay_form: Literal["exponential", "linear", "cosine"] = "exponential"
+    half_life_steps: float | None = Field(
+        None, gt=0, description="exponential decay: default decay_steps / 4"
+    )
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+
+
+class LoraConfig(Section):
+    enabled: bool = True
+    rank: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+class QATConfig(Section):
+    """BitCPM ternary quantization-aware training (SPECS §4)."""
+
+    enabled: bool = True
+    group_size: int = Field(32, gt=0)
+    rewarmup_steps: int = Field(10, ge=0, description="learning-rate re-warmup after switching QAT on")
+
+
+class CheckpointConfig(Section):
+    every_steps: int = Field(50, gt=0)
+    keep_last: int = Field(2, gt=0)
+    save_final: bool = True
+
+
+class LearnerConfig(Section):
+    lr: float = Field(1e-6, gt=0)
+    total_steps: int = Field(100, gt=0, description="RL / training steps of the run")
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    micro_batch_tokens: int = Field(8192, gt=0, description="token budget of one packed micro-batch")
+    logprob_chunk_tokens: int = Field(
+        1024, gt=0, description="tokens per chunk of the memory-lean log-softmax"
+    )
+    precision: Literal["auto", "float32", "bf16-mixed"] = "auto"
+    data_parallel: int = Field(1, gt=0, description="learner ranks (torch.distributed, FSDP2 when > 1)")
+    lora: LoraConfig | None = None
+    qat: QATConfig | None = None
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+
+# --------------------------------------------------------------------------------------- logging
+
+
+class WandbConfig(Section):
+    project: str = "rlcpm"
+    entity: str | None = None
+    name: str | None = None
+    mode: Literal["online", "offline", "disabled"] = "offline"
+    tags: list[str] = Field(default_factory=list)
+
+
+class LoggingConfig(Section):
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+    jsonl: bool = True
+    samples_every: int = Field(10, ge=0, description="log a samples table every N steps; 0: never")
+    num_samples_logged: int = Field(8, ge=0)
+    progress: bool = True
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class EvalConfig(Section):
+    every_steps: int = Field(0, ge=0, description="0: only before and after training")
+    num_prompts: int = Field(200, gt=0)
+    temperature: float | None = Field(None, description="null: the rollout temperature")
+    greedy: bool = True
+
+
+class ClusterConfig(Section):
+    address: str | None = Field(
+        None, description='null: start a local Ray instance; "auto" or "ray://host:port"'
+    )
+    num_cpus: int | None = Field(None, gt=0, description="local Ray only")
+    num_gpus: int | None = Field(None, ge=0, description="local Ray only")
+    gpus_per_rollout_worker: float = Field(0.0, ge=0)
+    gpus_per_learner: float = Field(0.0, ge=0)
+    reward_workers: int = Field(2, gt=0)
+
+
+# ---------------------------------------------------------------------------------------- recipe
+
+
+class Recipe(Section):
+    """A whole run: what to train, on what, how, and where to write it."""
+
+    seed: int = 0
+    run_dir: str | None = Field(None, description="default: runs/<recipe file stem>")
+    model: ModelConfig
+    data: DataConfig
+    rewards: list[RewardSpec] = Field(default_factory=list)
+    algorithm: AlgorithmConfig = Field(default_factory=GRPOConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _cross_section(self) -> Recipe:
+        if isinstance(self.algorithm, GRPOConfig):
+            if not self.rewards:
+                raise ValueError("algorithm grpo needs at least one entry under `rewards`")
+            if self.rollout.n_samples < 2:
+                raise ValueError("grpo needs rollout.n_samples >= 2 (advantages are relative to the group)")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+def load_recipe(
+    path: str | Path | None = None, overrides: list[str] | None = None, *, data: dict | None = None
+) -> Recipe:
+    """Load a recipe YAML (following `extends:`), apply dotted overrides, validate.
+
+    Precedence, lowest first: the files named by `extends` (recursively), the file itself,
+    then each override in order. Raises RecipeError listing every problem at once.
+    """
+    source = str(path) if path is not None else "<dict>"
+    raw: dict = _load_with_extends(Path(path), seen=()) if path is not None else {}
+    if data:
+        raw = deep_merge(raw, data)
+    problems: list[str] = []
+    for item in overrides or []:
+        try:
+            key, value = parse_override(item)
+            set_dotted(raw, key, value)
+        except RecipeError as err:
+            problems.extend(err.problems)
+    if raw.get("run_dir") is None and path is not None:
+        raw["run_dir"] = str(Path("runs") / Path(path).stem)
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as err:
+        problems.extend(format_validation_errors(err))
+        recipe = None
+    if problems:
+        raise RecipeError(problems, source=source)
+    assert recipe is not None
+    return recipe
+
+
+def _load_with_extends(path: Path, seen: tuple[Path, ...]) -> dict:
+    path = path.expanduser()
+    if not path.is_file():
+        raise RecipeError([f"recipe file not found: {path}"], source=str(path))
+    resolved = path.resolve()
+    if resolved in seen:
+        chain = " -> ".join(str(p) for p in (*seen, resolved))
+        raise RecipeError([f"`extends` forms a cycle: {chain}"], source=str(path))
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError([f"not valid YAML: {err}"], source=str(path)) from err
+    if not isinstance(loaded, dict):
+        raise RecipeError([f"top level must be a mapping, got {type(loaded).__name__}"], source=str(path))
+    parents = loaded.pop("extends", None)
+    if parents is None:
+        return loaded
+    merged: dict = {}
+    for parent in [parents] if isinstance(parents, str) else list(parents):
+        merged = deep_merge(merged, _load_with_extends(path.parent / parent, (*seen, resolved)))
+    return deep_merge(merged, loaded)
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """Mappings merge key by key (recursively); any other value in `update` replaces the base's."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`learner.lr=1e-5` -> ("learner.lr", 1e-05). Values are parsed as YAML scalars / flow lists."""
+    if "=" not in item:
+        raise RecipeError([f"override {item!r} must look like key.path=value"])
+    key, text = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise RecipeError([f"override {item!r}: bad key path {key!r}"])
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return key, _coerce_number(value)
+
+
+_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _coerce_number(value: Any) -> Any:
+    """YAML 1.1 reads `1e-5` as a string; recipes mean the number."""
+    if isinstance(value, str) and _FLOAT.match(value.strip()):
+        return float(value)
+    return value
+
+
+def set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            raise RecipeError([f"override {key}: {'.'.join(parts[: i + 1])} is {child!r}, not a section"])
+        node = child
+    node[parts[-1]] = value
+
+
+# -------------------------------------------------------------------------------- error messages
+
+
+def format_validation_errors(err: ValidationError) -> list[str]:
+    messages = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        path = _display_path(loc)
+        if e["type"] == "extra_forbidden":
+            allowed = _fields_at(loc[:-1])
+            hint = ""
+            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
+            if close:
+                hint = f"; did you mean {_display_path((*loc[:-1], close[0]))!r}?"
+            elif allowed:
+                hint = f"; allowed keys here: {', '.join(sorted(allowed))}"
+            messages.append(f"{path}: unknown key{hint}")
+            continue
+        msg = e["msg"]
+        if e["type"] == "missing":
+            messages.append(f"{path}: required key is missing")
+            continue
+        if "input" in e and e["type"] not in ("value_error",):
+            messages.append(f"{path}: {msg} (got {_short(e['input'])})")
+        else:
+            messages.append(f"{path or '(recipe)'}: {msg.removeprefix('Value error, ')}")
+    return messages
+
+
+_ALGORITHMS = {"grpo": GRPOConfig, "dpo": DPOConfig, "sft": SFTConfig}
+_TAGS = set(_ALGORITHMS)
+
+
+def _display_path(loc: tuple) -> str:
+    """Hide pydantic's union-branch markers (discriminator tags, `str`, `SyntheticData`)."""
+    parts = []
+    for i, part in enumerate(loc):
+        if isinstance(part, int):
+            parts.append(f"[{part}]")
+            continue
+        if i > 0 and loc[i - 1] == "algorithm" and part in _TAGS:
+            continue
+        if part in _UNION_BRANCH_NAMES:
+            continue
+        parts.append(("." if parts else "") + str(part))
+    return "".join(parts)
+
+
+_UNION_BRANCH_NAMES = {"str", "SyntheticData", "function-after[_name_or_fn(), RewardSpec]"}
+
+
+def _fields_at(loc: tuple) -> list[str]:
+    """Names allowed at a location of the schema (for did-you-mean)."""
+    model: Any = Recipe
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        if isinstance(model, type) and issubclass(model, BaseModel) and part in model.model_fields:
+            model = _section_type(model.model_fields[part].annotation, loc)
+        elif part in _TAGS:
+            model = _ALGORITHMS[part]
+        elif part == "SyntheticData":
+            model = SyntheticData
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return list(model.model_fields)
+    return []
+
+
+def _section_type(annotation: Any, loc: tuple) -> Any:
+    """The BaseModel class inside Optional[...] / list[...] / Annotated[Union...] (None if ambiguous)."""
+    args = typing.get_args(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    models = []
+    for arg in args:
+        found = _section_type(arg, loc)
+        if found is not None:
+            models.append(found)
+    return models[0] if len(models) == 1 else None
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

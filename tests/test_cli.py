@@ -1,0 +1,51 @@
+"""The `rlcpm` command line: validate every shipped recipe; errors exit 2 with all problems."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rlcpm import __version__
+from rlcpm.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").rglob("*.yaml")) + sorted((ROOT / "recipes").rglob("*.yml"))
+
+
+def test_there_are_recipes():
+    assert any(p.name == "quickstart.yaml" for p in RECIPES)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_recipe_validates(recipe, capsys):
+    assert main(["validate", str(recipe)]) == 0
+    out = capsys.readouterr().out
+    assert "algorithm:" in out and "rollout:" in out
+
+
+def test_validate_reports_three_mistakes_and_exits_2(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "model: {tiny: {}}\ndata: {train: {task: arithmetic}}\nrewards: [{name: math}]\n"
+        "learner: {lr: -1}\nrollout: {n_sample: 4}\nlogging: {wandb: {mode: sometimes}}\n"
+    )
+    assert main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "3 problem(s)" in err
+    assert "learner.lr" in err and "rollout.n_sample" in err and "logging.wandb.mode" in err
+    assert "did you mean 'rollout.n_samples'" in err
+
+
+def test_validate_applies_overrides(capsys):
+    assert main(["validate", str(ROOT / "recipes/quickstart.yaml"), "learner.lr=0.125"]) == 0
+    assert "lr: 0.125" in capsys.readouterr().out
+
+
+def test_console_script_version():
+    out = subprocess.run(
+        [sys.executable, "-m", "rlcpm.cli", "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == f"rlcpm {__version__}"
