@@ -1,0 +1,58 @@
+"""Monitor: JSONL rows, real wandb in offline mode, resume truncation, samples table."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from rlcpm.config import load_recipe
+from rlcpm.monitor import Monitor
+
+
+def _recipe(tmp_path, mode="offline"):
+    return load_recipe(
+        data={
+            "model": {"tiny": {}},
+            "data": {"train": {"task": "arithmetic"}},
+            "rewards": [{"name": "math"}],
+            "logging": {"wandb": {"mode": mode, "project": "rlcpm-test"}, "progress": False},
+            "run_dir": str(tmp_path / "run"),
+        }
+    )
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_jsonl_and_offline_wandb(tmp_path):
+    recipe = _recipe(tmp_path)
+    with Monitor(recipe, recipe.run_dir, total_steps=3) as mon:
+        mon.log(1, {"reward/mean": torch.tensor(0.5), "train/loss": 1.25, "train/kl": math.nan})
+        mon.log(2, {"reward/mean": 0.75})
+        mon.log_samples(2, [{"prompt": "1+1=", "response": "2", "reward": 1.0}])
+        mon.summary({"accuracy_after": 0.9})
+        run_id = mon.wandb_run_id
+    rows = _rows(tmp_path / "run" / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["reward/mean"] == 0.5 and rows[0]["train/loss"] == 1.25 and rows[0]["train/kl"] is None
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == {"accuracy_after": 0.9}
+    assert _rows(tmp_path / "run" / "samples.jsonl")[0]["response"] == "2"
+    runs = list((tmp_path / "run" / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert runs and any(runs[0].glob("*.wandb"))
+
+
+def test_resume_drops_steps_to_be_redone(tmp_path):
+    recipe = _recipe(tmp_path, mode="disabled")
+    with Monitor(recipe, recipe.run_dir) as mon:
+        for step in range(1, 6):
+            mon.log(step, {"train/loss": float(step)})
+    with Monitor(recipe, recipe.run_dir, start_step=3) as mon:
+        mon.log(3, {"train/loss": 30.0})
+    rows = _rows(tmp_path / "run" / "metrics.jsonl")
+    assert [(r["step"], r["train/loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+    with Monitor(recipe, recipe.run_dir) as mon:  # a fresh run starts a fresh file
+        mon.log(1, {"train/loss": 7.0})
+    assert len(_rows(tmp_path / "run" / "metrics.jsonl")) == 1
