@@ -1,0 +1,33 @@
+"""Training entry points: `train(recipe)` runs GRPO (the RL loop on Ray) or SFT / DPO (offline)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rlcpm.config import Recipe
+
+
+@dataclass
+class TrainResult:
+    """What a run leaves behind: the metrics history, the run directory and the final checkpoint."""
+
+    run_dir: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+    final_model_dir: Path | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def train(recipe: Recipe, resume: bool = False) -> TrainResult:
+    """Run a recipe to the end; `resume=True` continues from the last checkpoint in run_dir."""
+    if recipe.algorithm.name == "grpo":
+        from rlcpm.trainer.rl_loop import train_grpo
+
+        return train_grpo(recipe, resume=resume)
+    from rlcpm.trainer.offline import train_offline
+
+    return train_offline(recipe, resume=resume)
+
+
+__all__ = ["TrainResult", "train"]

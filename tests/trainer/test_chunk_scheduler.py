@@ -1,0 +1,117 @@
+"""Chunk scheduler bookkeeping: budgets, carry-over, version tags, group completion, state."""
+
+from __future__ import annotations
+
+import pickle
+from types import SimpleNamespace
+
+import pytest
+
+from rlcpm.trainer.chunk_scheduler import ChunkResult, ChunkScheduler, PromptStream
+from rlcpm.trainer.filters import has_signal, response_loss_mask
+
+
+def make(chunk_tokens, n_samples=2, max_new_tokens=10, num_examples=5):
+    examples = [SimpleNamespace(id=str(i), prompt=f"p{i}") for i in range(num_examples)]
+    stream = PromptStream(examples, seed=3)
+    return ChunkScheduler(
+        stream,
+        lambda ex: [int(ex.id), 99],
+        n_samples=n_samples,
+        max_new_tokens=max_new_tokens,
+        chunk_tokens=chunk_tokens,
+        seed=7,
+    )
+
+
+def fake_round(sched, lengths, version, eos_at=None):
+    """Each request generates min(budget, remaining target length) tokens."""
+    results = []
+    for req in sched.next_requests():
+        target = lengths[req.traj_id]
+        done = len(req.output_token_ids)
+        budget = min(req.max_chunk_tokens or 10**9, req.max_new_tokens)
+        n = min(budget, target - done)
+        finished = done + n >= target
+        reason = "chunk" if not finished else ("stop" if target < sched.max_new_tokens else "length")
+        results.append(ChunkResult(req.traj_id, list(range(done, done + n)), [-0.5] * n, reason))
+    return sched.absorb(results, version)
+
+
+def test_carry_over_spans_versions_and_finishes_groups():
+    sched = make(chunk_tokens=4)
+    sched.top_up(2)
+    lengths = {"g0.0": 3, "g0.1": 9, "g1.0": 10, "g1.1": 2}
+    assert fake_round(sched, lengths, version=0) == []  # g0.1 and g1.0 carry over
+    reqs = {r.traj_id: r for r in sched.next_requests()}
+    assert set(reqs) == {"g0.1", "g1.0"}
+    assert reqs["g0.1"].output_token_ids == [0, 1, 2, 3] and reqs["g0.1"].max_new_tokens == 6
+    assert fake_round(sched, lengths, version=1) == []
+    done = fake_round(sched, lengths, version=2)
+    assert [g.group_id for g in done] == ["g0", "g1"]
+    long = done[1].trajectories[0]
+    assert long.response_token_ids == list(range(10)) and long.finish_reason == "length"
+    assert long.versions == [0] * 4 + [1] * 4 + [2] * 2 and long.num_chunks == 3
+    assert done[0].trajectories[0].versions == [0, 0, 0]
+    assert sched.num_in_flight_groups == 0
+
+
+def test_seeds_do_not_depend_on_chunking():
+    a, b = make(chunk_tokens=None), make(chunk_tokens=2)
+    a.top_up(3)
+    b.top_up(1)
+    b.top_up(2)
+    seeds_a = [t.seed for g in a.in_flight.values() for t in g.trajectories]
+    seeds_b = [t.seed for g in b.in_flight.values() for t in g.trajectories]
+    assert seeds_a == seeds_b and len(set(seeds_a)) == 6
+
+
+def test_prompt_stream_epochs_and_resume():
+    stream = PromptStream([SimpleNamespace(id=i) for i in range(4)], seed=1)
+    first = [stream.next().id for _ in range(8)]
+    assert sorted(first[:4]) == [0, 1, 2, 3] and sorted(first[4:]) == [0, 1, 2, 3]
+    again = PromptStream([SimpleNamespace(id=i) for i in range(4)], seed=1)
+    again.position = 5
+    assert [again.next().id for _ in range(3)] == first[5:]
+
+
+def test_state_round_trip_keeps_partial_trajectories():
+    sched = make(chunk_tokens=3)
+    sched.top_up(2)
+    lengths = {"g0.0": 5, "g0.1": 5, "g1.0": 2, "g1.1": 8}
+    fake_round(sched, lengths, version=0)
+    state = pickle.loads(pickle.dumps(sched.state_dict()))
+    other = make(chunk_tokens=3)
+    other.load_state_dict(state)
+    assert [r.__dict__ for r in other.next_requests()] == [r.__dict__ for r in sched.next_requests()]
+    other.top_up(1)
+    sched.top_up(1)
+    assert list(other.in_flight) == list(sched.in_flight)
+
+
+def test_unexpected_finish_reason_is_an_error():
+    sched = make(chunk_tokens=3)
+    sched.top_up(1)
+    with pytest.raises(ValueError, match="aborted"):
+        sched.absorb([ChunkResult("g0.0", [1], [-1.0], "aborted")], version=0)
+
+
+def test_dynamic_sampling_signal():
+    assert not has_signal([1.0, 1.0, 1.0], binary=True)
+    assert not has_signal([0.0, 0.0], binary=True)
+    assert has_signal([0.0, 1.0, 1.0], binary=True)
+    assert not has_signal([0.3, 0.3], binary=False)
+    assert has_signal([0.3, 0.4], binary=False)
+
+
+def test_overlong_and_repetition_masks():
+    sched = make(chunk_tokens=None, n_samples=3)
+    sched.top_up(1)
+    (group,) = fake_round(sched, {"g0.0": 10, "g0.1": 4, "g0.2": 6}, version=0)
+    assert response_loss_mask(group, overlong_filter=True) == [False, True, True]
+    assert response_loss_mask(group, overlong_filter=False) == [True, True, True]
+    assert response_loss_mask(group, overlong_filter=False, repetition=lambda ids: len(ids) == 4) == [
+        True,
+        False,
+        True,
+    ]
