@@ -1,0 +1,167 @@
+"""Dense attention backends: `dense` (torch SDPA) and `reference` (a readable masked softmax).
+
+Both implement the same contract (rlcpm.models.attention.AttentionBackend):
+
+- packed training, no cache: query i of a sequence sees keys 0..i of the same sequence;
+- paged cache: new K/V are written at `meta.slot_mapping` first; new query i of sequence s
+  (0-based among its n_s new tokens) then sees cached keys j < context_lens[s] - n_s + i + 1.
+
+`dense` pads the ragged batch into [S, max_len] with one scatter (no Python loop over tokens
+or sequences) and runs one `scaled_dot_product_attention` call; padded query rows are
+computed and dropped. `reference` loops over sequences and spells the mask out; it is the
+oracle in tests.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rlcpm.models.attention import AttentionBackend, register_attention_backend
+from rlcpm.models.kv_cache import PagedKVCache
+from rlcpm.models.metadata import AttentionMetadata
+
+
+def masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """softmax(q k^T * scale, masked to `visible`) v for one sequence, computed in float32.
+
+    q [Tq, Hq, D], k/v [Tk, Hkv, D] (Hq a multiple of Hkv: query head h uses KV head
+    h // (Hq / Hkv)), visible [Tq, Tk] bool -> [Tq, Hq, D].
+    """
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1).float()
+    v = v.repeat_interleave(group, dim=1).float()
+    scores = torch.einsum("qhd,khd->hqk", q.float(), k) * scale  # [Hq, Tq, Tk]
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    return torch.einsum("hqk,khd->qhd", probs, v).to(q.dtype)
+
+
+def gather_cached_kv(
+    kv_cache: PagedKVCache, layer_idx: int, meta: AttentionMetadata
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sequence's cached keys/values in order: [S, max_context_len, Hkv, D] each."""
+    max_ctx = meta.max_context_len
+    block_size = kv_cache.block_size
+
+    def build_table() -> torch.Tensor:
+        num_blocks = -(-max_ctx // block_size)
+        return meta.block_tables[:, :num_blocks].clamp(min=0).long()  # -1 padding is masked anyway
+
+    table = meta.cached("kv_gather_table", build_table)  # [S, nb]
+    num_seqs = table.shape[0]
+    k = kv_cache.k[layer_idx][table].view(num_seqs, -1, kv_cache.num_kv_heads, kv_cache.head_dim)
+    v = kv_cache.v[layer_idx][table].view(num_seqs, -1, kv_cache.num_kv_heads, kv_cache.head_dim)
+    return k[:, :max_ctx], v[:, :max_ctx]
+
+
+def paged_visibility(meta: AttentionMetadata) -> torch.Tensor:
+    """[S, max_q, max_ctx] bool: padded new query i of sequence s sees cached key j iff
+    j < context_lens[s] - n_s + min(i, n_s - 1) + 1 (padding rows copy the last real row)."""
+
+    def build() -> torch.Tensor:
+        device = meta.cu_seqlens_q.device
+        n = meta.seq_lens_q  # [S]
+        i = torch.arange(meta.max_seqlen_q, device=device)
+        last_visible = meta.context_lens.long()[:, None] - n[:, None] + torch.minimum(i[None], n[:, None] - 1)
+        j = torch.arange(meta.max_context_len, device=device)
+        return j[None, None, :] <= last_visible[:, :, None]
+
+    return meta.cached("paged_visibility", build)
+
+
+def _padded_index(meta: AttentionMetadata) -> torch.Tensor | None:
+    """[T] row of each token in the padded [S * max_q] layout; None when nothing is padded."""
+
+    def build() -> torch.Tensor | None:
+        if meta.num_tokens == meta.num_seqs * meta.max_seqlen_q:
+            return None
+        return meta.seq_ids() * meta.max_seqlen_q + meta.offsets_in_seq()
+
+    return meta.cached("padded_index", build)
+
+
+def _pad(x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """[T, H, D] -> [S, H, max_q, D] (zeros in padded rows)."""
+    index = _padded_index(meta)
+    rows = meta.num_seqs * meta.max_seqlen_q
+    if index is not None:
+        x = x.new_zeros(rows, *x.shape[1:]).index_copy(0, index, x)
+    return x.view(meta.num_seqs, meta.max_seqlen_q, *x.shape[1:]).transpose(1, 2)
+
+
+def _unpad(x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    """[S, H, max_q, D] -> [T, H, D]."""
+    x = x.transpose(1, 2).reshape(meta.num_seqs * meta.max_seqlen_q, *x.shape[1:2], x.shape[-1])
+    index = _padded_index(meta)
+    return x if index is None else x.index_select(0, index)
+
+
+class DenseAttention(AttentionBackend):
+    """Exact causal attention with torch `scaled_dot_product_attention`."""
+
+    def forward(self, q, k, v, meta, layer_idx, kv_cache=None):
+        if kv_cache is None:
+            return self._packed(q, k, v, meta)
+        kv_cache.write(layer_idx, k, v, meta.slot_mapping)
+        k_ctx, v_ctx = gather_cached_kv(kv_cache, layer_idx, meta)  # [S, Lk, Hkv, D]
+        k_ctx, v_ctx = k_ctx.to(q.dtype).transpose(1, 2), v_ctx.to(q.dtype).transpose(1, 2)
+        mask = paged_visibility(meta)[:, None]  # [S, 1, max_q, Lk]
+        if meta.is_decode:  # one new token per sequence: no padding, q [S, Hq, 1, D]
+            out = F.scaled_dot_product_attention(
+                q[:, :, None], k_ctx, v_ctx, attn_mask=mask, scale=self.scale, enable_gqa=True
+            )
+            return out[:, :, 0]
+        out = F.scaled_dot_product_attention(
+            _pad(q, meta), k_ctx, v_ctx, attn_mask=mask, scale=self.scale, enable_gqa=True
+        )
+        return _unpad(out, meta)
+
+    def _packed(self, q, k, v, meta):
+        if meta.num_seqs == 1:
+            out = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None],
+                k.transpose(0, 1)[None],
+                v.transpose(0, 1)[None],
+                is_causal=True,
+                scale=self.scale,
+                enable_gqa=True,
+            )
+            return out[0].transpose(0, 1)
+        # Ragged sequences padded at their ends: causal masking keeps real rows exact.
+        out = F.scaled_dot_product_attention(
+            _pad(q, meta), _pad(k, meta), _pad(v, meta), is_causal=True, scale=self.scale, enable_gqa=True
+        )
+        return _unpad(out, meta)
+
+
+class ReferenceAttention(AttentionBackend):
+    """The oracle: a Python loop over sequences with an explicit mask and float32 softmax."""
+
+    def forward(self, q, k, v, meta, layer_idx, kv_cache=None):
+        out = torch.empty_like(q)
+        cu = meta.cu_seqlens_q.tolist()
+        if kv_cache is not None:
+            kv_cache.write(layer_idx, k, v, meta.slot_mapping)
+            k_ctx, v_ctx = gather_cached_kv(kv_cache, layer_idx, meta)
+        for s in range(meta.num_seqs):
+            start, end = cu[s], cu[s + 1]
+            n = end - start
+            if kv_cache is None:
+                keys, values, num_before = k[start:end], v[start:end], 0
+            else:
+                ctx = int(meta.context_lens[s])
+                keys, values, num_before = k_ctx[s, :ctx], v_ctx[s, :ctx], ctx - n
+            i = torch.arange(n, device=q.device)[:, None]
+            j = torch.arange(keys.shape[0], device=q.device)[None, :]
+            visible = j < num_before + i + 1
+            out[start:end] = masked_attention(
+                q[start:end], keys.to(q.dtype), values.to(q.dtype), visible, self.scale
+            )
+        return out
+
+
+register_attention_backend("dense", DenseAttention)
+register_attention_backend("reference", ReferenceAttention)
