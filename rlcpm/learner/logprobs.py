@@ -1,0 +1,147 @@
+"""Memory-lean log-probs and entropies of target tokens, from final hidden states and the LM head.
+
+The naive path materialises float32 logits and a log-softmax for every token, [N, V] twice, and
+autograd keeps them for backward: 8k tokens x 150k vocabulary is ~10 GB. Here the logits exist
+one chunk of `chunk_tokens` rows at a time, in forward AND backward (each chunk's logits are
+recomputed from the saved hidden states; nothing of size [N, V] is saved):
+
+    z      = (h W^T) / T            then top-k / top-p filtering (-inf outside the kept set)
+    log p  = log_softmax(z)          rlcpm.rollout.sampling.sampling_log_distribution, THE
+                                     definition the engine samples with
+    lp_t   = log p[y_t]              [N]
+    H_t    = -sum_v p_v log p_v      [N]  (entropy of the sampling distribution)
+
+Gradients, per chunk, with p = softmax(z) (0 outside the kept set) and upstream g, e:
+
+    d lp_t / d z_v = 1[v = y_t] - p_v
+    d H_t  / d z_v = -p_v (log p_v + H_t)
+    d / d(hW^T)    = (1 / T) d / dz;   dh = G W,  dW = G^T h
+
+A token outside the kept set has lp = -inf and receives no gradient. Temperature 0 means the
+greedy convention: plain log_softmax(h W^T) (as the engine records for greedy decoding).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlcpm.rollout.sampling import sampling_log_distribution
+
+
+class ChunkedTargetLogprobs(torch.autograd.Function):
+    """autograd.Function: (hidden [N, H], weight [V, H], targets [N]) -> (logprobs [N], entropy [N])."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, top_k, top_p, chunk_tokens):
+        logprobs = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        entropy = torch.empty_like(logprobs)
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            rows = slice(start, start + chunk_tokens)
+            log_dist = _log_distribution(hidden[rows], weight, temperature, top_k, top_p)  # [C, V]
+            logprobs[rows] = log_dist.gather(1, targets[rows, None]).squeeze(1)
+            entropy[rows] = _entropy(log_dist)
+            del log_dist
+        ctx.set_materialize_grads(False)  # an unused output (often entropy) arrives as None
+        ctx.save_for_backward(hidden, weight, targets, entropy)
+        ctx.sampling = (temperature, top_k, top_p)
+        ctx.chunk_tokens = chunk_tokens
+        return logprobs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logprobs, grad_entropy):
+        hidden, weight, targets, entropy = ctx.saved_tensors
+        temperature, top_k, top_p = ctx.sampling
+        scale = 1.0 / temperature if temperature > 0 else 1.0
+        grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for start in range(0, hidden.shape[0], ctx.chunk_tokens):
+            rows = slice(start, start + ctx.chunk_tokens)
+            log_dist = _log_distribution(hidden[rows], weight, temperature, top_k, top_p)  # [C, V]
+            grad_z = _grad_logits(log_dist, targets[rows], entropy[rows], grad_logprobs, grad_entropy, rows)
+            del log_dist
+            grad_z = grad_z.mul_(scale).to(weight.dtype)  # d / d(h W^T)  [C, V]
+            if grad_hidden is not None:
+                grad_hidden[rows] = grad_z @ weight
+            grad_weight.addmm_(grad_z.t().float(), hidden[rows].float())
+            del grad_z
+        grad_weight = grad_weight.to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return grad_hidden, grad_weight, None, None, None, None, None
+
+
+def _grad_logits(log_dist, targets, entropy, grad_logprobs, grad_entropy, rows) -> torch.Tensor:
+    """g (onehot(y) - p) - e p (log p + H) for one chunk: [C, V] float32 (module docstring)."""
+    probs = log_dist.exp()  # [C, V], 0 outside the kept set
+    if grad_entropy is not None:
+        finite_log = torch.where(probs > 0, log_dist, 0.0)
+        finite_log.add_(entropy[:, None]).mul_(probs).mul_(-grad_entropy[rows, None].float())
+        grad_z = finite_log  # [C, V]
+    else:
+        grad_z = torch.zeros_like(probs)
+    if grad_logprobs is not None:
+        # A target filtered out of the sampling distribution (log-prob -inf) gets no gradient.
+        is_kept = torch.isfinite(log_dist.gather(1, targets[:, None]).squeeze(1))
+        g = torch.where(is_kept, grad_logprobs[rows].float(), 0.0)  # [C]
+        grad_z.addcmul_(probs, g[:, None], value=-1.0)
+        grad_z.scatter_add_(1, targets[:, None], g[:, None])
+    return grad_z
+
+
+def _log_distribution(hidden, weight, temperature, top_k, top_p) -> torch.Tensor:
+    logits = hidden @ weight.t()  # [C, V] in the model's dtype, like its LM head
+    return sampling_log_distribution(logits, temperature, top_k, top_p)
+
+
+def _entropy(log_dist: torch.Tensor) -> torch.Tensor:
+    """-sum p log p over the kept entries (filtered entries have p = 0 and log p = -inf)."""
+    finite = torch.isfinite(log_dist)
+    return -(log_dist.exp() * torch.where(finite, log_dist, 0.0)).sum(dim=-1)
+
+
+def target_logprobs(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int = -1,
+    top_p: float = 1.0,
+    chunk_tokens: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs and entropies of `targets` under the sampling distribution, chunked over tokens.
+
+    Args:
+        hidden: [N, H] final hidden states (whatever the model feeds its LM head).
+        lm_head_weight: [V, H] the LM head (or tied embedding) weight.
+        targets: [N] int64 token ids (the next token of each position).
+        temperature, top_k, top_p: exactly as the engine sampled (rlcpm.rollout.sampling).
+        chunk_tokens: rows of logits alive at once.
+
+    Returns:
+        (logprobs [N], entropy [N]) in float32, differentiable w.r.t. hidden and weight.
+    """
+    return ChunkedTargetLogprobs.apply(
+        hidden,
+        lm_head_weight,
+        targets.long(),
+        float(temperature),
+        int(top_k),
+        float(top_p),
+        int(chunk_tokens),
+    )
+
+
+def naive_target_logprobs(
+    hidden: torch.Tensor,
+    lm_head_weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int = -1,
+    top_p: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference: one float32 [N, V] log-softmax through plain autograd (same signature)."""
+    log_dist = sampling_log_distribution(hidden @ lm_head_weight.t(), temperature, top_k, top_p)
+    logprobs = log_dist.gather(1, targets.long()[:, None]).squeeze(1)
+    finite = torch.isfinite(log_dist)
+    entropy = -(log_dist.exp() * torch.where(finite, log_dist, 0.0)).sum(dim=-1)
+    return logprobs, entropy

@@ -1,0 +1,155 @@
+"""Packed micro-batches by token budget (no padding) and the split of a batch across ranks.
+
+A micro-batch concatenates whole sequences into one 1-D stream with positions restarting at 0
+per sequence and `cu_seqlens` offsets (the model's packed forward, rlcpm.models.AttentionMetadata).
+Sequence s = prompt + response enters as `(prompt + response)[:-1]`: the hidden state at index
+j predicts token j + 1, so response token t (absolute index P + t) is scored at index P + t - 1.
+Only those rows ever reach the LM head.
+
+    input_ids    [T]   packed tokens             positions [T]   restart per sequence
+    score_index  [N]   rows of the stream that predict a response token
+    targets      [N]   the response tokens they predict
+    row, col     [N]   where each scored token sits in the [S, R_max] layout of the loss
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from rlcpm.errors import TrainingError
+
+
+@dataclass
+class PackedMicroBatch:
+    """One packed forward's worth of sequences (see the module docstring for the layout)."""
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    seq_lens: list[int]  # S lengths summing to T
+    score_index: torch.Tensor  # [N] int64
+    targets: torch.Tensor  # [N] int64
+    row: torch.Tensor  # [N] int64 in [0, S)
+    col: torch.Tensor  # [N] int64 in [0, R_max)
+    sequence_ids: list[int]  # index in the batch of each of the S sequences
+    max_response_len: int
+
+    @property
+    def num_sequences(self) -> int:
+        return len(self.seq_lens)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.numel())
+
+    def to_padded(self, values: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """Scatter per-scored-token values [N] into the loss layout [S, R_max] (fill elsewhere)."""
+        out = values.new_full((self.num_sequences, self.max_response_len), fill)
+        return out.index_put((self.row, self.col), values)
+
+    def response_mask(self) -> torch.Tensor:
+        """[S, R_max] float32, 1 on real response tokens."""
+        return self.to_padded(torch.ones(self.targets.shape, dtype=torch.float32))
+
+    def gather(self, per_sequence: Sequence[Sequence[float]], dtype=torch.float32) -> torch.Tensor:
+        """Per-response-token values of this micro-batch's sequences (lists indexed like the batch) as [S, R_max]."""
+        flat = [float(v) for s in self.sequence_ids for v in per_sequence[s]]
+        return self.to_padded(torch.tensor(flat, dtype=dtype))
+
+    def to(self, device: torch.device | str) -> PackedMicroBatch:
+        tensors = {
+            name: getattr(self, name).to(device)
+            for name in ("input_ids", "positions", "score_index", "targets", "row", "col")
+        }
+        return PackedMicroBatch(
+            **tensors,
+            seq_lens=self.seq_lens,
+            sequence_ids=self.sequence_ids,
+            max_response_len=self.max_response_len,
+        )
+
+
+def pack_micro_batch(
+    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], sequence_ids: Sequence[int]
+) -> PackedMicroBatch:
+    """Pack the sequences `sequence_ids` (indices into prompts/responses) into one stream."""
+    input_ids, positions, score_index, targets, rows, cols, seq_lens = [], [], [], [], [], [], []
+    offset = 0
+    for row, s in enumerate(sequence_ids):
+        prompt, response = list(prompts[s]), list(responses[s])
+        if not prompt or not response:
+            raise TrainingError(f"sequence {s}: packing needs a non-empty prompt and response")
+        tokens = (prompt + response)[:-1]
+        input_ids.extend(tokens)
+        positions.extend(range(len(tokens)))
+        first = offset + len(prompt) - 1
+        score_index.extend(range(first, first + len(response)))
+        targets.extend(response)
+        rows.extend([row] * len(response))
+        cols.extend(range(len(response)))
+        seq_lens.append(len(tokens))
+        offset += len(tokens)
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long)
+    return PackedMicroBatch(
+        input_ids=as_long(input_ids),
+        positions=as_long(positions),
+        seq_lens=seq_lens,
+        score_index=as_long(score_index),
+        targets=as_long(targets),
+        row=as_long(rows),
+        col=as_long(cols),
+        sequence_ids=list(sequence_ids),
+        max_response_len=max(len(responses[s]) for s in sequence_ids),
+    )
+
+
+def split_by_token_budget(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Group indices, in order, into runs of at most `budget` tokens (a longer one stands alone).
+
+    Sequences of length 0 (nothing to score) are left out.
+    """
+    groups: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for index, length in enumerate(lengths):
+        if length == 0:
+            continue
+        if current and used + length > budget:
+            groups.append(current)
+            current, used = [], 0
+        current.append(index)
+        used += length
+    if current:
+        groups.append(current)
+    return groups
+
+
+def shard_across_ranks(lengths: Sequence[int], world_size: int) -> list[list[int]]:
+    """Balance sequences over ranks by tokens (longest first, to the least-loaded rank; deterministic).
+
+    Returns one sorted index list per rank.
+    """
+    loads = [0] * world_size
+    shards: list[list[int]] = [[] for _ in range(world_size)]
+    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        rank = min(range(world_size), key=lambda r: (loads[r], r))
+        shards[rank].append(index)
+        loads[rank] += lengths[index]
+    return [sorted(shard) for shard in shards]
+
+
+def plan_micro_batches(
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    budget: int,
+    subset: Sequence[int] | None = None,
+) -> list[PackedMicroBatch]:
+    """Packed micro-batches of at most `budget` tokens over `subset` (default: every sequence)."""
+    indices = list(range(len(prompts))) if subset is None else list(subset)
+    lengths = [len(prompts[i]) + len(responses[i]) - 1 if responses[i] else 0 for i in indices]
+    return [
+        pack_micro_batch(prompts, responses, [indices[j] for j in group])
+        for group in split_by_token_budget(lengths, budget)
+    ]

@@ -1,0 +1,47 @@
+"""Packed micro-batches: layout, token budget, rank sharding."""
+
+from __future__ import annotations
+
+import torch
+
+from rlcpm.learner.packing import (
+    pack_micro_batch,
+    plan_micro_batches,
+    shard_across_ranks,
+    split_by_token_budget,
+)
+
+
+def test_pack_layout():
+    prompts = [[1, 2, 3], [4], [5, 6]]
+    responses = [[7, 8], [9, 10, 11], [12]]
+    mb = pack_micro_batch(prompts, responses, [0, 1, 2])
+    # sequences enter without their last token: [1,2,3,7] [4,9,10] [5,6]
+    assert mb.input_ids.tolist() == [1, 2, 3, 7, 4, 9, 10, 5, 6]
+    assert mb.positions.tolist() == [0, 1, 2, 3, 0, 1, 2, 0, 1]
+    assert mb.seq_lens == [4, 3, 2]
+    # the token at score_index predicts the target: 3 -> 7, 7 -> 8, 4 -> 9, ...
+    assert mb.score_index.tolist() == [2, 3, 4, 5, 6, 8]
+    assert mb.targets.tolist() == [7, 8, 9, 10, 11, 12]
+    padded = mb.to_padded(mb.targets.float(), fill=-1)
+    assert padded.tolist() == [[7, 8, -1], [9, 10, 11], [12, -1, -1]]
+    assert mb.response_mask().sum().item() == 6
+    assert (
+        mb.gather([[0.1, 0.2], [0.3, 0.4, 0.5], [0.6]]).tolist()
+        == torch.tensor([[0.1, 0.2, 0.0], [0.3, 0.4, 0.5], [0.6, 0.0, 0.0]]).tolist()
+    )
+
+
+def test_token_budget_split():
+    assert split_by_token_budget([3, 3, 3, 10, 1, 0, 2], budget=6) == [[0, 1], [2], [3], [4, 6]]
+    mbs = plan_micro_batches([[1] * 5] * 4, [[2] * 3] * 4, budget=16)
+    assert [mb.num_tokens for mb in mbs] == [14, 14]
+    assert [mb.sequence_ids for mb in mbs] == [[0, 1], [2, 3]]
+
+
+def test_shard_across_ranks_balances_tokens():
+    lengths = [10, 1, 7, 3, 3, 8]
+    shards = shard_across_ranks(lengths, 2)
+    assert sorted(i for s in shards for i in s) == list(range(6))
+    loads = [sum(lengths[i] for i in s) for s in shards]
+    assert max(loads) - min(loads) <= 2
