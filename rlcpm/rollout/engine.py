@@ -1,0 +1,335 @@
+"""The rollout engine: requests in, tokens + behaviour log-probs out.
+
+    engine = Engine.from_pretrained(path, dtype="float32", max_num_seqs=64)
+    outs = engine.generate(prompt_token_ids, SamplingParams(max_new_tokens=256, seed=0))
+    outs = engine.generate([Request("traj-7", prompt, params, output_token_ids=earlier)],
+                           max_chunk_tokens=512)            # continue a chunked trajectory
+    engine.update_weights(model.named_parameters(), version=3)
+
+Each ``step()`` is schedule -> one forward -> sample -> postprocess (rlcpm.rollout.scheduler).
+Invalid requests come back with finish_reason "aborted" and ``error`` set, without stopping
+the valid requests of the same call; ``generate`` raises only for a malformed call.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterable
+from collections.abc import Sequence as SequenceABC
+from typing import Any
+
+import torch
+
+from rlcpm.errors import EngineError, RequestError
+from rlcpm.models.kv_cache import PagedKVCache
+from rlcpm.rollout.block_manager import BlockManager
+from rlcpm.rollout.model_runner import ModelRunner
+from rlcpm.rollout.sampling import SamplingBatch, SamplingParams, sample
+from rlcpm.rollout.scheduler import Scheduler
+from rlcpm.rollout.sequence import Request, RequestOutput, Sequence
+from rlcpm.rollout.stop import StopChecker
+from rlcpm.rollout.weight_sync import WeightSync
+
+PromptsLike = SequenceABC[SequenceABC[int]] | SequenceABC[Request]
+
+
+def _default_kv_budget_bytes(device: torch.device) -> int:
+    """A quarter of the memory that is free now (GPU: free device memory)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 4
+    import psutil
+
+    return psutil.virtual_memory().available // 4
+
+
+class Engine:
+    """Continuous-batching generation over a paged KV cache (see the module docstring).
+
+    Args:
+        model: an rlcpm.models CausalLM (the same definition the learner trains).
+        tokenizer: needed only for stop strings (any HF tokenizer).
+        max_num_seqs: sequences running at once.
+        max_num_batched_tokens: tokens per forward (decodes + prefill chunks).
+        kv_budget_bytes / kv_budget_gb: KV cache size; default: what max_num_seqs sequences of
+            max_model_len tokens need, capped at a quarter of the free memory.
+        block_size: token slots per KV block.
+        max_model_len: context limit (default: the model's max_position_embeddings).
+        eos_token_ids: token ids that end a request unless ignore_eos (default: the model
+            config's eos_token_id, else the tokenizer's).
+        seed: draws the seeds of requests that give none.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any = None,
+        *,
+        max_num_seqs: int = 64,
+        max_num_batched_tokens: int = 2048,
+        kv_budget_bytes: int | None = None,
+        kv_budget_gb: float | None = None,
+        block_size: int = 16,
+        max_model_len: int | None = None,
+        eos_token_ids: Iterable[int] | None = None,
+        seed: int = 0,
+    ):
+        config = model.config
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.vocab_size = config.vocab_size
+        self.device = model.device
+        self.eos_token_ids = frozenset(
+            self._eos_ids(config, tokenizer) if eos_token_ids is None else eos_token_ids
+        )
+        max_model_len = min(max_model_len or config.max_position_embeddings, config.max_position_embeddings)
+        bytes_per_block = PagedKVCache.block_bytes(
+            config.num_hidden_layers, block_size, config.num_key_value_heads, config.head_dim, model.dtype
+        )
+        if kv_budget_gb is not None:
+            kv_budget_bytes = int(kv_budget_gb * 1024**3)
+        if kv_budget_bytes is None:
+            wanted = max_num_seqs * -(-max_model_len // block_size) * bytes_per_block
+            kv_budget_bytes = min(wanted, _default_kv_budget_bytes(self.device))
+        num_blocks = kv_budget_bytes // bytes_per_block
+        if num_blocks < 1:
+            raise EngineError(
+                f"kv budget of {kv_budget_bytes} bytes is smaller than one KV block ({bytes_per_block} bytes)"
+            )
+        self.max_model_len = min(max_model_len, num_blocks * block_size)
+        self.kv_cache = model.new_kv_cache(num_blocks, block_size)
+        self.block_manager = BlockManager(num_blocks, block_size)
+        self.scheduler = Scheduler(
+            self.block_manager, max_num_seqs, max_num_batched_tokens, self.max_model_len
+        )
+        self.runner = ModelRunner(model, self.kv_cache)
+        self.weights = WeightSync(model)
+        self._seed_rng = random.Random(seed)
+        self._next_seq_id = 0
+        self._num_calls = 0
+        self.stats = {"num_prefill_tokens": 0, "num_decode_tokens": 0, "num_steps": 0, "step_seconds": 0.0}
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str,
+        *,
+        dtype: str | torch.dtype = "auto",
+        device: str | torch.device = "cpu",
+        tokenizer_path: str | None = None,
+        **engine_kwargs: Any,
+    ) -> Engine:
+        """Load a Hugging Face directory (config.json + safetensors + tokenizer) into an engine."""
+        from transformers import AutoTokenizer
+
+        from rlcpm.models import load_model
+
+        model = load_model(path, dtype=dtype, device=device)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path)
+        return cls(model, tokenizer, **engine_kwargs)
+
+    @staticmethod
+    def _eos_ids(config: Any, tokenizer: Any) -> set[int]:
+        eos = config.eos_token_id
+        if eos is None and tokenizer is not None:
+            eos = tokenizer.eos_token_id
+        if eos is None:
+            return set()
+        return {eos} if isinstance(eos, int) else set(eos)
+
+    @property
+    def weight_version(self) -> int:
+        return self.weights.version
+
+    # ------------------------------------------------------------------------------ requests
+
+    def add_request(
+        self, request: Request, params: SamplingParams | None = None, max_chunk_tokens: int | None = None
+    ) -> Sequence:
+        """Validate and queue one request (resuming its paused KV when it matches); RequestError if invalid."""
+        params = request.params or params or SamplingParams()
+        self._validate(request, params, max_chunk_tokens)
+        tokens = list(request.prompt_token_ids) + list(request.output_token_ids)
+        seq = self.scheduler.take_paused(request.request_id)
+        if seq is not None and (
+            seq.token_ids != tokens or seq.num_prompt_tokens != len(request.prompt_token_ids)
+        ):
+            self.block_manager.free(seq)
+            seq = None
+        if seq is None:
+            seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(63)
+            seq = Sequence(self._next_seq_id, request, params, seed, self.block_manager.block_size)
+            self._next_seq_id += 1
+            if params.stop:
+                seq.stop_checker = StopChecker(self.tokenizer, params.stop, request.output_token_ids)
+        else:
+            if params.seed is not None:
+                seq.seed = params.seed
+            if params.stop != seq.params.stop:
+                seq.stop_checker = (
+                    StopChecker(self.tokenizer, params.stop, request.output_token_ids)
+                    if params.stop
+                    else None
+                )
+            seq.params = params
+        seq.finish_reason = None
+        seq.start_call(max_chunk_tokens)
+        self.scheduler.add(seq)
+        return seq
+
+    def _validate(self, request: Request, params: SamplingParams, max_chunk_tokens: int | None) -> None:
+        params.validate(self.vocab_size)
+        prompt, previous = list(request.prompt_token_ids), list(request.output_token_ids)
+        if not prompt:
+            raise RequestError(f"request {request.request_id!r}: the prompt is empty")
+        bad = [t for t in prompt + previous if not isinstance(t, int) or not (0 <= t < self.vocab_size)]
+        if bad:
+            raise RequestError(
+                f"request {request.request_id!r}: token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})"
+            )
+        if len(prompt) + len(previous) >= self.max_model_len:
+            raise RequestError(
+                f"request {request.request_id!r}: {len(prompt) + len(previous)} prompt + earlier tokens leave "
+                f"no room in the context of {self.max_model_len} tokens"
+            )
+        if len(previous) >= params.max_new_tokens:
+            raise RequestError(
+                f"request {request.request_id!r}: already has {len(previous)} generated tokens, "
+                f"max_new_tokens is {params.max_new_tokens}"
+            )
+        if params.stop and self.tokenizer is None:
+            raise RequestError(
+                f"request {request.request_id!r}: stop strings need an engine with a tokenizer"
+            )
+        if max_chunk_tokens is not None and max_chunk_tokens <= 0:
+            raise RequestError(f"max_chunk_tokens must be > 0 or None, got {max_chunk_tokens}")
+
+    # ---------------------------------------------------------------------------------- step
+
+    def step(self) -> list[Sequence]:
+        """One forward for the scheduled batch; returns the sequences that finished or paused."""
+        start = time.perf_counter()
+        self.weights.check_consistent()
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            raise EngineError(
+                "no request could be scheduled: the KV cache is too small for the waiting request"
+            )
+        logits = self.runner.run(batch)
+        sampling = [seq for i, seq in enumerate(batch.seqs) if batch.is_sampling(i)]
+        token_ids: list[int] = []
+        logprobs: list[float] = []
+        if sampling:
+            params = SamplingBatch.from_params(
+                [s.params for s in sampling], [s.seed for s in sampling], [s.num_generated for s in sampling]
+            )
+            ids, lps = sample(logits, params)
+            token_ids, logprobs = ids.tolist(), lps.tolist()
+        num_decode = sum(1 for n in batch.num_query_tokens if n == 1)
+        self.stats["num_decode_tokens"] += num_decode
+        self.stats["num_prefill_tokens"] += batch.num_tokens - num_decode
+        done = self.scheduler.postprocess(batch, token_ids, logprobs, self.eos_token_ids)
+        self.stats["num_steps"] += 1
+        self.stats["step_seconds"] += time.perf_counter() - start
+        return done
+
+    # ------------------------------------------------------------------------------ generate
+
+    def generate(
+        self,
+        prompts: PromptsLike,
+        params: SamplingParams | SequenceABC[SamplingParams] | None = None,
+        max_chunk_tokens: int | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (token id lists or Requests); outputs in input order.
+
+        params: one SamplingParams for all, or one per prompt (a Request's own params win).
+        max_chunk_tokens: at most this many new tokens per request in this call; a request
+        that reaches it returns with finish_reason "chunk" and keeps its KV (until the next
+        weight update or memory pressure) for a continuation ``Request`` with the same id.
+        """
+        self.weights.check_consistent()
+        requests = self._as_requests(prompts)
+        self._num_calls += 1
+        if isinstance(params, SequenceABC):
+            if len(params) != len(requests):
+                raise RequestError(f"got {len(params)} SamplingParams for {len(requests)} prompts")
+            per_request = list(params)
+        else:
+            per_request = [params] * len(requests)
+        seen: set = set()
+        outputs: list[RequestOutput | None] = [None] * len(requests)
+        seqs: dict[int, Sequence] = {}
+        for index, (request, request_params) in enumerate(zip(requests, per_request)):
+            try:
+                if request.request_id in seen:
+                    raise RequestError(f"request id {request.request_id!r} appears twice in one call")
+                seen.add(request.request_id)
+                seqs[index] = self.add_request(request, request_params, max_chunk_tokens)
+            except RequestError as error:
+                outputs[index] = self._aborted(request, str(error))
+        while self.scheduler.has_unfinished:
+            self.step()
+        for index, seq in seqs.items():
+            outputs[index] = seq.to_output(self.weight_version)
+        return outputs  # type: ignore[return-value]
+
+    def _as_requests(self, prompts: PromptsLike) -> list[Request]:
+        requests = []
+        for prompt in prompts:
+            if isinstance(prompt, Request):
+                requests.append(prompt)
+            else:
+                requests.append(Request(f"call{self._num_calls}-{len(requests)}", list(prompt)))
+        return requests
+
+    def _aborted(self, request: Request, error: str) -> RequestOutput:
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt_token_ids=list(request.prompt_token_ids),
+            token_ids=[],
+            logprobs=[],
+            finish_reason="aborted",
+            weight_version=self.weight_version,
+            num_previous_tokens=len(request.output_token_ids),
+            error=error,
+        )
+
+    def drop_paused(self, request_ids: Iterable[Any] | None = None) -> int:
+        """Free the KV kept for paused requests (all when None); returns how many were freed."""
+        return self.scheduler.drop_paused(request_ids)
+
+    # ------------------------------------------------------------------------------- weights
+
+    def update_weights(
+        self,
+        named_tensors: Iterable[tuple[str, torch.Tensor]],
+        version: int | None = None,
+        strict: bool = True,
+    ) -> dict[str, float]:
+        """Copy new weights into the model in place, tensor by tensor (no second full copy).
+
+        Every name, shape and dtype is checked (WeightSyncError naming the tensor); with
+        ``strict`` every parameter must be sent. After a failure the engine refuses to generate
+        until a complete update succeeds. All cached and paused KV is dropped (it belongs to
+        the old weights). Returns timing stats; ``weight_version`` becomes ``version``
+        (default: the old version + 1).
+        """
+        self.scheduler.drop_all_kv()
+        self.block_manager.reset_prefix_cache()
+        return self.weights.update(named_tensors, version, strict)
+
+    def engine_stats(self) -> dict[str, float]:
+        """Counters for monitoring: tokens, steps, time, preemptions, prefix-cache hits, KV use."""
+        bm = self.block_manager
+        return {
+            **self.stats,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "num_prefix_cache_hit_blocks": bm.num_prefix_hits,
+            "num_kv_blocks": bm.num_blocks,
+            "num_free_kv_blocks": bm.num_free_blocks,
+            "num_paused": len(self.scheduler.paused),
+            "weight_version": self.weight_version,
+            **{f"last_sync_{k}": v for k, v in self.weights.last_sync.items()},
+        }

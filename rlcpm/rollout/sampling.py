@@ -1,0 +1,217 @@
+"""Sampling parameters, the sampler, and THE definition of a behaviour log-prob.
+
+The engine records, for every sampled token, its log-prob under the distribution it was
+actually sampled from, and the learner recomputes the same quantity with the same function:
+
+    logprob(token) = log_softmax(filter(logits / temperature))[token]
+
+where ``filter`` keeps the top-k logits (ties at the k-th value are kept), then the top-p
+nucleus of what is left (renormalised): sorted by probability, a token is kept when the mass
+*before* it is < top_p, so the most likely token is always kept. top_k <= 0 and top_p >= 1
+disable the filters; with both disabled this is plain ``log_softmax(logits / temperature)``.
+Greedy decoding (temperature 0) takes the argmax and records ``log_softmax(logits)``.
+
+Random numbers are counter-based: the uniform that picks the token at generated index t of a
+request is ``hash(seed, t)`` (splitmix64), so seeded sampling does not depend on which other
+requests share the batch, and a generation continued from its first t tokens draws the same
+numbers as one that never stopped. A token is drawn by inverting the CDF of the filtered
+distribution in vocabulary order with that single uniform.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from math import isfinite
+
+import numpy as np
+import torch
+
+from rlcpm.errors import RequestError
+
+
+@dataclass
+class SamplingParams:
+    """How to sample one request.
+
+    temperature 0 is greedy. top_k <= 0 (-1) and top_p == 1 disable those filters.
+    ``stop_token_ids`` and ``stop`` (strings) end the request with finish_reason "stop"; the
+    stopping token (and so the stop string) is included in the output. EOS (from the model's
+    generation config / tokenizer) stops too unless ``ignore_eos``. ``seed`` None: the engine
+    draws a seed for the request. ``max_new_tokens`` counts every generated token of the
+    request, including tokens generated in earlier chunks.
+    """
+
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: int | None = None
+    stop_token_ids: Sequence[int] = field(default_factory=tuple)
+    stop: Sequence[str] = field(default_factory=tuple)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        self.stop_token_ids = tuple(self.stop_token_ids)
+        self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0
+
+    def validate(self, vocab_size: int) -> None:
+        """Raise RequestError naming the first invalid field."""
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise RequestError(f"max_new_tokens must be an int, got {self.max_new_tokens!r}")
+        if self.max_new_tokens <= 0:
+            raise RequestError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
+        if not isfinite(self.temperature) or self.temperature < 0:
+            raise RequestError(f"temperature must be finite and >= 0 (0 = greedy), got {self.temperature}")
+        if not (0 < self.top_p <= 1):
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not isinstance(self.top_k, int):
+            raise RequestError(f"top_k must be an int (-1 disables it), got {self.top_k!r}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise RequestError(f"seed must be an int or None, got {self.seed!r}")
+        for token_id in self.stop_token_ids:
+            if not isinstance(token_id, int) or not (0 <= token_id < vocab_size):
+                raise RequestError(f"stop token id {token_id!r} is outside the vocabulary [0, {vocab_size})")
+        for text in self.stop:
+            if not isinstance(text, str) or not text:
+                raise RequestError(f"stop strings must be non-empty strings, got {text!r}")
+
+
+def _as_column(value: torch.Tensor | float | int, num_rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """A per-row parameter as a [N, 1] tensor."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype).reshape(-1, 1).expand(num_rows, 1)
+    return torch.full((num_rows, 1), value, dtype=dtype)
+
+
+def filter_logits(
+    logits: torch.Tensor, top_k: torch.Tensor | int = -1, top_p: torch.Tensor | float = 1.0
+) -> torch.Tensor:
+    """Top-k then top-p (nucleus) filtering; removed entries become -inf.
+
+    logits: [N, V] (already divided by the temperature); top_k, top_p: scalars or [N].
+    Rows with top_k <= 0 and top_p >= 1 come back unchanged, whatever the other rows ask.
+    """
+    num_rows, vocab = logits.shape
+    k = _as_column(top_k, num_rows, torch.long)
+    p = _as_column(top_p, num_rows, logits.dtype)
+    use_k = (k > 0) & (k < vocab)  # [N, 1]
+    use_p = p < 1
+    if not bool(use_k.any() or use_p.any()):
+        return logits
+    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True, stable=True)  # [N, V]
+    kth = sorted_logits.gather(1, (k.clamp(1, vocab) - 1))  # [N, 1]
+    keep_sorted = ~use_k | (sorted_logits >= kth)
+    masked = sorted_logits.masked_fill(~keep_sorted, float("-inf"))
+    probs = masked.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    keep_sorted &= ~use_p | (mass_before < p)
+    keep = torch.empty_like(keep_sorted).scatter_(1, sorted_idx, keep_sorted)
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def sampling_log_distribution(
+    logits: torch.Tensor,
+    temperature: torch.Tensor | float = 1.0,
+    top_k: torch.Tensor | int = -1,
+    top_p: torch.Tensor | float = 1.0,
+) -> torch.Tensor:
+    """``log_softmax(filter(logits / temperature))``: logits [N, V] -> float32 log-probs [N, V].
+
+    temperature / top_k / top_p: scalars or [N]. Rows with temperature 0 (greedy) get
+    ``log_softmax(logits)`` (no temperature, no filter). Filtered-out entries are -inf.
+    """
+    num_rows = logits.shape[0]
+    t = _as_column(temperature, num_rows, torch.float32)
+    is_greedy = t == 0  # [N, 1]
+    scaled = logits.float() / torch.where(is_greedy, torch.ones_like(t), t)
+    if bool(is_greedy.any()):
+        top_k = torch.where(is_greedy, -1, _as_column(top_k, num_rows, torch.long)).squeeze(1)
+        top_p = torch.where(is_greedy, 1.0, _as_column(top_p, num_rows, torch.float32)).squeeze(1)
+    return filter_logits(scaled, top_k, top_p).log_softmax(dim=-1)
+
+
+def sampling_logprobs(
+    logits: torch.Tensor,
+    token_ids: torch.Tensor,
+    temperature: torch.Tensor | float = 1.0,
+    top_k: torch.Tensor | int = -1,
+    top_p: torch.Tensor | float = 1.0,
+) -> torch.Tensor:
+    """Log-prob of ``token_ids`` under the sampling distribution: THE engine/learner definition.
+
+    logits: [..., V] (any dtype; computed in float32); token_ids: [...] -> float32 [...].
+    temperature / top_k / top_p: scalars, or tensors with one value per row of the flattened
+    leading dims. temperature 0 (greedy) gives ``log_softmax(logits)[token]``.
+    """
+    flat = logits.reshape(-1, logits.shape[-1])
+    log_dist = sampling_log_distribution(flat, temperature, top_k, top_p)  # [N, V]
+    return log_dist.gather(1, token_ids.reshape(-1, 1)).reshape(token_ids.shape)
+
+
+# --------------------------------------------------------------------------- counter-based RNG
+
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser on uint64 arrays (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def counter_uniforms(seeds: Sequence[int], counters: Sequence[int]) -> np.ndarray:
+    """One uniform in [0, 1) per row from (seed, counter) alone: float64 [N]."""
+    seed_arr = np.array([s & 0xFFFFFFFFFFFFFFFF for s in seeds], dtype=np.uint64)
+    counter_arr = np.asarray(counters, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        x = _mix64(_mix64(seed_arr) + (counter_arr + np.uint64(1)) * _GOLDEN)
+    return (x >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+# ----------------------------------------------------------------------------------- sampler
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling parameters of one decode step (rows = sequences that sample now)."""
+
+    temperature: torch.Tensor  # [N] float32, 0 = greedy
+    top_k: torch.Tensor  # [N] long, <= 0 disabled
+    top_p: torch.Tensor  # [N] float32
+    seeds: list[int]
+    counters: list[int]  # generated index of the token being sampled
+    is_all_greedy: bool
+
+    @classmethod
+    def from_params(cls, params: Sequence[SamplingParams], seeds: Sequence[int], counters: Sequence[int]):
+        temperature = torch.tensor([p.temperature for p in params], dtype=torch.float32)
+        return cls(
+            temperature=temperature,
+            top_k=torch.tensor([p.top_k for p in params], dtype=torch.long),
+            top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32),
+            seeds=list(seeds),
+            counters=list(counters),
+            is_all_greedy=all(p.temperature == 0 for p in params),
+        )
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row and its behaviour log-prob: logits [N, V] -> (ids [N], logprobs [N])."""
+    log_dist = sampling_log_distribution(logits, batch.temperature, batch.top_k, batch.top_p)  # [N, V]
+    if batch.is_all_greedy:
+        token_ids = logits.argmax(dim=-1)
+    else:
+        cdf = log_dist.double().exp().cumsum(dim=-1)  # [N, V], vocabulary order
+        uniforms = torch.from_numpy(counter_uniforms(batch.seeds, batch.counters))
+        targets = (uniforms * cdf[:, -1]).unsqueeze(1)
+        sampled = torch.searchsorted(cdf, targets, right=True).squeeze(1).clamp_(max=logits.shape[-1] - 1)
+        token_ids = torch.where(batch.temperature == 0, logits.argmax(dim=-1), sampled)
+    return token_ids, log_dist.gather(1, token_ids[:, None]).squeeze(1)
