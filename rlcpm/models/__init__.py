@@ -8,6 +8,7 @@ rlcpm.models.transformer / metadata / kv_cache for the details.
 """
 
 from rlcpm.models.attention import AttentionBackend, get_attention_backend, register_attention_backend
+from rlcpm.models.checkpoint import load_model, read_config, save_model
 from rlcpm.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from rlcpm.models.kv_cache import PagedKVCache
 from rlcpm.models.metadata import AttentionMetadata
@@ -20,6 +21,20 @@ __all__ = [
     "CausalLM",
     "ModelConfig",
     "PagedKVCache",
+    "build_tiny_model_dir",
+    "build_tokenizer",
     "get_attention_backend",
+    "load_model",
+    "read_config",
     "register_attention_backend",
+    "save_model",
 ]
+
+
+def __getattr__(name: str):
+    # The tiny builders import transformers (seconds); load them only when asked for.
+    if name in ("build_tiny_model_dir", "build_tokenizer"):
+        from rlcpm.models import tiny
+
+        return getattr(tiny, name)
+    raise AttributeError(f"module 'rlcpm.models' has no attribute {name!r}")

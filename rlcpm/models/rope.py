@@ -29,7 +29,8 @@ from rlcpm.errors import CheckpointError
 
 def default_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
     """f_i = theta^(-2i / D), [D/2] float32."""
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    # Always on the CPU (also when the model is built under `with torch.device("meta")`).
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
     return 1.0 / (theta**exponents)
 
 
@@ -61,7 +62,9 @@ def rope_frequencies(
         if rope_type == "longrope":
             original = int(scaling["original_max_position_embeddings"])
             use_long = max_position_embeddings > original
-            ext = torch.tensor(scaling["long_factor" if use_long else "short_factor"], dtype=torch.float32)
+            ext = torch.tensor(
+                scaling["long_factor" if use_long else "short_factor"], dtype=torch.float32, device="cpu"
+            )
             if ext.numel() != head_dim // 2:
                 raise CheckpointError(
                     f"rope_scaling longrope factors have {ext.numel()} entries, expected head_dim/2 = {head_dim // 2}"

@@ -77,8 +77,7 @@ class CausalLM(nn.Module):
         self.config = config
         self.model = DecoderModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        self.tie_weights()
         self.gradient_checkpointing = False
         self.set_attention_backend(config.attention)
 
@@ -140,6 +139,11 @@ class CausalLM(nn.Module):
         return self.lm_head(hidden)
 
     # ----------------------------------------------------------------------------- helpers
+
+    def tie_weights(self) -> None:
+        """Share one Parameter between lm_head and embed_tokens when tie_word_embeddings."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     def set_attention_backend(self, name: str) -> None:
         """Switch every layer to the registered attention backend `name` (no parameters change)."""

@@ -1,0 +1,212 @@
+"""Hugging Face checkpoint directories in and out: config.json + safetensors (single or sharded).
+
+Loading streams tensor by tensor: the model is built on the meta device, allocated once
+(`to_empty`) in the target dtype/device, and each checkpoint tensor is read, checked and
+copied into its parameter before the next is read, so peak memory is the model plus one
+tensor. Saving writes only real tensors (no duplicate `lm_head.weight` when embeddings are
+tied, as HF does), sharded with `model.safetensors.index.json` above `max_shard_bytes`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from rlcpm.errors import CheckpointError
+from rlcpm.models.config import ModelConfig
+from rlcpm.models.transformer import CausalLM
+
+CONFIG_NAME = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, default: torch.dtype) -> torch.dtype:
+    """None / "auto" -> `default`; "bfloat16" -> torch.bfloat16; torch dtypes pass through."""
+    if dtype is None or dtype == "auto":
+        return default
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPE_NAMES:
+        raise CheckpointError(f"dtype {dtype!r} is not one of auto, {', '.join(_DTYPE_NAMES)}")
+    return _DTYPE_NAMES[dtype]
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    """Parse `path/config.json` into a ModelConfig (errors name the file)."""
+    config_path = Path(path) / CONFIG_NAME
+    if not Path(path).is_dir():
+        raise CheckpointError(f"model directory not found: {path}")
+    if not config_path.is_file():
+        raise CheckpointError(f"{config_path}: missing; a model directory needs config.json + *.safetensors")
+    try:
+        hf = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{config_path}: not valid JSON: {err}") from err
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{config_path}: top level must be a JSON object")
+    return ModelConfig.from_hf(hf, source=str(config_path))
+
+
+def checkpoint_files(path: str | Path) -> dict[Path, list[str] | None]:
+    """Safetensors files of a directory -> the tensor names the index assigns them (None: all)."""
+    path = Path(path)
+    index_path = path / INDEX_FILE
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{index_path}: not a valid safetensors index ({err})") from err
+        files: dict[Path, list[str] | None] = {}
+        for name, file_name in weight_map.items():
+            files.setdefault(path / file_name, []).append(name)
+        for file in files:
+            if not file.is_file():
+                raise CheckpointError(f"{file}: listed in {index_path.name} but missing")
+        return files
+    if (path / SINGLE_FILE).is_file():
+        return {path / SINGLE_FILE: None}
+    found = sorted(path.glob("*.safetensors"))
+    if not found:
+        raise CheckpointError(f"{path}: no {SINGLE_FILE}, {INDEX_FILE} or *.safetensors file")
+    return dict.fromkeys(found)
+
+
+def load_model(
+    path: str | Path,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str = "cpu",
+    attention: str = "dense",
+) -> CausalLM:
+    """Load a HF directory (llama, qwen2, qwen3, minicpm) into a CausalLM in eval mode.
+
+    dtype: None/"auto" keeps the checkpoint's `torch_dtype`. attention: backend name.
+    Raises CheckpointError naming the file and tensor for missing / unexpected / misshapen
+    tensors and unreadable files; UnsupportedModelError for an unknown model_type.
+    """
+    config = read_config(path)
+    config.attention = attention
+    dtype = resolve_dtype(dtype, config.torch_dtype)
+    config.torch_dtype = dtype
+    files = checkpoint_files(path)
+    with torch.device("meta"):
+        model = CausalLM(config)
+    model = model.to(dtype).to_empty(device=device)
+    model.tie_weights()  # to_empty re-creates parameters, which unties them
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    for file, names in files.items():
+        _load_file(file, names, params, loaded, config)
+    missing = sorted(set(params) - loaded)
+    if missing:
+        where = ", ".join(str(f.name) for f in files)
+        raise CheckpointError(
+            f"{Path(path)}: tensor(s) missing from {where}: {', '.join(missing[:8])}"
+            + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else "")
+        )
+    return model.eval()
+
+
+@torch.no_grad()
+def _load_file(
+    file: Path, names: list[str] | None, params: dict, loaded: set[str], config: ModelConfig
+) -> None:
+    try:
+        handle = safe_open(str(file), framework="pt", device="cpu")
+    except Exception as err:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{file}: cannot read safetensors file ({err})") from err
+    with handle:
+        keys = list(handle.keys())
+        for name in names if names is not None else keys:
+            if name not in keys:
+                raise CheckpointError(f"{file}: tensor {name!r} is listed in the index but not in the file")
+            if name.endswith("rotary_emb.inv_freq") or (
+                config.tie_word_embeddings and name == "lm_head.weight"
+            ):
+                continue  # recomputed / shared with embed_tokens
+            if name not in params:
+                raise CheckpointError(
+                    f"{file}: unexpected tensor {name!r}: not a parameter of a {config.model_type} model "
+                    f"with {config.num_hidden_layers} layers (check config.json)"
+                )
+            param = params[name]
+            shape = tuple(handle.get_slice(name).get_shape())
+            if shape != tuple(param.shape):
+                raise CheckpointError(
+                    f"{file}: tensor {name!r} has shape {shape}, the model (config.json) expects {tuple(param.shape)}"
+                )
+            try:
+                tensor = handle.get_tensor(name)
+            except Exception as err:
+                raise CheckpointError(f"{file}: cannot read tensor {name!r} ({err})") from err
+            param.copy_(tensor)
+            loaded.add(name)
+
+
+def _tensors_to_save(model: CausalLM) -> dict[str, torch.Tensor]:
+    """Parameter name -> tensor, without the tied lm_head duplicate."""
+    tensors = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if model.config.tie_word_embeddings and name == "lm_head.weight":
+            continue
+        tensors[name] = param.detach()
+    return tensors
+
+
+def save_model(model: CausalLM, path: str | Path, max_shard_bytes: int = 5 * 1024**3) -> Path:
+    """Write config.json, generation_config.json and safetensors weights to `path`.
+
+    One `model.safetensors` when the weights fit in `max_shard_bytes`, else
+    `model-0000i-of-0000n.safetensors` shards plus `model.safetensors.index.json`.
+    Stale weight files of an earlier save in the same directory are removed.
+    """
+    if not isinstance(model, CausalLM):
+        raise CheckpointError(
+            f"save_model expects an rlcpm CausalLM, got {type(model).__name__} "
+            "(merge a peft model first: model.merge_and_unload())"
+        )
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = _tensors_to_save(model)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard_bytes = 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        if shards[-1] and shard_bytes + size > max_shard_bytes:
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][name] = tensor
+        shard_bytes += size
+    for stale in [*path.glob("model*.safetensors"), path / INDEX_FILE]:
+        stale.unlink(missing_ok=True)
+    if len(shards) == 1:
+        _save_shard(shards[0], path / SINGLE_FILE)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, start=1):
+            file_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            _save_shard(shard, path / file_name)
+            weight_map.update(dict.fromkeys(shard, file_name))
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (path / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    config = model.config.to_hf()
+    config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    (path / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+    generation = {
+        key: getattr(model.config, key)
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id")
+        if getattr(model.config, key) is not None
+    }
+    (path / "generation_config.json").write_text(json.dumps(generation, indent=2))
+    return path
+
+
+def _save_shard(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    cpu = {name: t.to("cpu").contiguous() for name, t in tensors.items()}
+    save_file(cpu, str(file), metadata={"format": "pt"})
