@@ -138,4 +138,6 @@ class _ExampleBuilder:
         num_tokens = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
         limit = self.data_cfg.max_prompt_tokens
         if num_tokens > limit:
-            raise RowError(f"prompt has {num_tokens} tokens, more than data.max_prompt_tokens={limit}")
+            raise RowError(
+                f"prompt has {num_tokens} tokens, more than data.max_prompt_tokens={limit} (raise it to keep such rows)"
+            )
