@@ -1,0 +1,105 @@
+"""Packed variable-length training forward: equal to per-sequence forwards, values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlcpm.models import AttentionMetadata
+
+LENGTHS = [7, 1, 19, 4, 12]
+
+
+def _packed_and_single(model, seqs):
+    meta = AttentionMetadata.packed([len(s) for s in seqs])
+    positions = torch.cat([torch.arange(len(s)) for s in seqs])
+    packed = model(torch.cat(seqs), positions, meta=meta)
+    single = torch.cat([model(s[None])[0] for s in seqs])
+    return packed, single
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "minicpm"])
+@pytest.mark.parametrize("backend", ["dense", "reference"])
+def test_packed_equals_per_sequence(model_type, backend, make_model, random_ids):
+    model = make_model(model_type, num_key_value_heads=2)
+    model.set_attention_backend(backend)
+    seqs = [random_ids(n, seed=i) for i, n in enumerate(LENGTHS)]
+    with torch.no_grad():
+        packed, single = _packed_and_single(model, seqs)
+    assert packed.shape == (sum(LENGTHS), 96)
+    assert (packed - single).abs().max().item() <= 1e-5
+
+
+def test_dense_backend_equals_reference_backend(make_model, random_ids):
+    model = make_model("qwen3", num_key_value_heads=1)
+    seqs = [random_ids(n, seed=i) for i, n in enumerate(LENGTHS)]
+    meta = AttentionMetadata.packed(LENGTHS)
+    ids = torch.cat(seqs)
+    with torch.no_grad():
+        dense = model(ids, meta=meta)
+        model.set_attention_backend("reference")
+        reference = model(ids, meta=AttentionMetadata.packed(LENGTHS))
+    assert (dense - reference).abs().max().item() <= 1e-5
+
+
+def test_default_positions_restart_per_sequence(make_model, random_ids):
+    model = make_model("llama")
+    seqs = [random_ids(n, seed=i) for i, n in enumerate(LENGTHS)]
+    meta = AttentionMetadata.packed(LENGTHS)
+    with torch.no_grad():
+        implicit = model(torch.cat(seqs), meta=meta)
+        explicit, _ = _packed_and_single(model, seqs)
+    assert torch.equal(implicit, explicit)
+
+
+def test_packed_gradients_equal_per_sequence_gradients(make_model, random_ids):
+    model = make_model("qwen2").train()
+    seqs = [random_ids(n, seed=i) for i, n in enumerate(LENGTHS)]
+    weights = torch.randn(sum(LENGTHS), 96, generator=torch.Generator().manual_seed(3))
+
+    def grads(packed: bool):
+        model.zero_grad()
+        if packed:
+            out = model(torch.cat(seqs), meta=AttentionMetadata.packed(LENGTHS))
+        else:
+            out = torch.cat([model(s[None])[0] for s in seqs])
+        (out * weights).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    packed, single = grads(True), grads(False)
+    for name in single:
+        # float32 sums in a different order: agree to ~1e-6 of the gradient's scale.
+        scale = single[name].abs().max().item()
+        assert (packed[name] - single[name]).abs().max().item() <= 2e-6 * scale, name
+
+
+def test_gradient_checkpointing_gives_same_loss_and_grads(make_model, random_ids):
+    model = make_model("llama").train()
+    ids = random_ids(2, 16)
+
+    def run():
+        model.zero_grad()
+        logits = model(ids)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 96), ids[:, 1:].reshape(-1))
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    loss_plain, grads_plain = run()
+    model.gradient_checkpointing_enable()
+    loss_ckpt, grads_ckpt = run()
+    assert torch.equal(loss_plain, loss_ckpt)
+    for name in grads_plain:
+        torch.testing.assert_close(grads_ckpt[name], grads_plain[name], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("model_type,tied", [("llama", False), ("qwen3", True), ("minicpm", False)])
+def test_return_hidden_then_compute_logits_equals_logits(model_type, tied, make_model, random_ids):
+    model = make_model(model_type, tie_word_embeddings=tied)
+    ids = random_ids(3, 9)
+    with torch.no_grad():
+        hidden = model(ids, return_hidden=True)
+        logits = model(ids)
+    assert hidden.shape == (3, 9, 64)
+    assert torch.equal(model.compute_logits(hidden), logits)
+    # The head is one matrix the learner / FR-Spec can slice: logits = hidden @ W^T.
+    torch.testing.assert_close(hidden @ model.lm_head.weight.T, logits, atol=1e-5, rtol=1e-5)
