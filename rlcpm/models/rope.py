@@ -48,17 +48,21 @@ def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 
 def rope_frequencies(
     head_dim: int, theta: float, scaling: dict | None, max_position_embeddings: int
-) -> tuple[torch.Tensor, float]:
-    """(inv_freq [D/2] float32, amplitude factor of cos/sin) for a RoPE configuration."""
+) -> tuple[torch.Tensor, float, torch.Tensor | None]:
+    """(inv_freq [D/2] float32, amplitude of cos/sin, position scale [D/2] or None).
+
+    Angles are (p * position_scale) * inv_freq: longrope keeps its 1/ext factors apart so the
+    float32 rounding is the same as MiniCPM's `outer(t, 1/ext) * inv_freq`.
+    """
     inv_freq = default_inv_freq(head_dim, theta)
     rope_type = (scaling or {}).get("rope_type", "default")
     try:
         if rope_type == "default":
-            return inv_freq, 1.0
+            return inv_freq, 1.0, None
         if rope_type == "linear":
-            return inv_freq / float(scaling["factor"]), 1.0
+            return inv_freq / float(scaling["factor"]), 1.0, None
         if rope_type == "llama3":
-            return llama3_inv_freq(inv_freq, scaling), 1.0
+            return llama3_inv_freq(inv_freq, scaling), 1.0, None
         if rope_type == "longrope":
             original = int(scaling["original_max_position_embeddings"])
             use_long = max_position_embeddings > original
@@ -71,7 +75,7 @@ def rope_frequencies(
                 )
             ratio = max_position_embeddings / original
             amplitude = math.sqrt(1 + math.log(ratio) / math.log(original)) if ratio > 1 else 1.0
-            return inv_freq / ext, amplitude
+            return inv_freq, amplitude, 1.0 / ext
     except KeyError as err:
         raise CheckpointError(f"rope_scaling of type {rope_type!r} is missing key {err}") from err
     raise CheckpointError(f"rope_scaling type {rope_type!r} is not supported")
@@ -82,15 +86,21 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, theta: float, scaling: dict | None, max_position_embeddings: int):
         super().__init__()
-        inv_freq, self.amplitude = rope_frequencies(head_dim, theta, scaling, max_position_embeddings)
-        # A plain attribute, not a buffer: it must stay float32 under model.to(bfloat16) and
+        self.inv_freq, self.amplitude, self.position_scale = rope_frequencies(
+            head_dim, theta, scaling, max_position_embeddings
+        )
+        # Plain attributes, not buffers: they must stay float32 under model.to(bfloat16) and
         # survive building the model on the meta device; moved to the input's device lazily.
-        self.inv_freq = inv_freq
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.inv_freq.device != positions.device:
             self.inv_freq = self.inv_freq.to(positions.device)
-        angles = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
+            if self.position_scale is not None:
+                self.position_scale = self.position_scale.to(positions.device)
+        scaled = positions.float()[:, None]
+        if self.position_scale is not None:
+            scaled = scaled * self.position_scale[None, :]
+        angles = scaled * self.inv_freq[None, :]  # [T, D/2]
         emb = torch.cat((angles, angles), dim=-1)  # [T, D]
         return emb.cos() * self.amplitude, emb.sin() * self.amplitude
 

@@ -74,11 +74,15 @@ def test_rope_scaling_changes_the_logits(rope, make_model, random_ids):
 
 
 @pytest.mark.parametrize(
-    "model_type,tied,shard", [("llama", False, True), ("qwen2", True, True), ("qwen3", False, False)]
+    "model_type,tied,shard,rope",
+    [("llama", False, True, LLAMA3), ("qwen2", True, True, None), ("qwen3", False, False, None)],
 )
-def test_transformers_save_then_load_model_gives_same_logits(model_type, tied, shard, random_ids, tmp_path):
+def test_transformers_save_then_load_model_gives_same_logits(
+    model_type, tied, shard, rope, random_ids, tmp_path
+):
     config = AutoConfig.for_model(
         model_type,
+        rope_scaling=rope,
         vocab_size=96,
         hidden_size=64,
         intermediate_size=96,
