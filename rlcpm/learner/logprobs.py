@@ -87,7 +87,10 @@ def _grad_logits(log_dist, targets, entropy, grad_logprobs, grad_entropy, rows) 
 
 
 def _log_distribution(hidden, weight, temperature, top_k, top_p) -> torch.Tensor:
-    logits = hidden @ weight.t()  # [C, V] in the model's dtype, like its LM head
+    # Logits in the hidden states' dtype (bf16 under mixed precision, like the engine's LM head),
+    # autocast off so that the backward's recomputation is the very same function.
+    with torch.autocast(hidden.device.type, enabled=False):
+        logits = hidden @ weight.to(hidden.dtype).t()  # [C, V]
     return sampling_log_distribution(logits, temperature, top_k, top_p)
 
 

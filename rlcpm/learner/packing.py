@@ -35,6 +35,7 @@ class PackedMicroBatch:
     col: torch.Tensor  # [N] int64 in [0, R_max)
     sequence_ids: list[int]  # index in the batch of each of the S sequences
     max_response_len: int
+    is_placeholder: bool = False  # a rank's filler pass (see placeholder_micro_batch)
 
     @property
     def num_sequences(self) -> int:
@@ -144,12 +145,33 @@ def plan_micro_batches(
     prompts: Sequence[Sequence[int]],
     responses: Sequence[Sequence[int]],
     budget: int,
-    subset: Sequence[int] | None = None,
+    *,
+    units: Sequence[Sequence[int]] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> list[PackedMicroBatch]:
-    """Packed micro-batches of at most `budget` tokens over `subset` (default: every sequence)."""
-    indices = list(range(len(prompts))) if subset is None else list(subset)
-    lengths = [len(prompts[i]) + len(responses[i]) - 1 if responses[i] else 0 for i in indices]
-    return [
-        pack_micro_batch(prompts, responses, [indices[j] for j in group])
-        for group in split_by_token_budget(lengths, budget)
-    ]
+    """This rank's packed micro-batches of at most `budget` tokens.
+
+    `units` groups sequence indices that must share a micro-batch (a DPO pair: its loss couples
+    both responses); by default each sequence with a non-empty response is its own unit, and
+    units with nothing to score are left out. Units are balanced over ranks by tokens
+    (shard_across_ranks), then packed in order.
+    """
+    if units is None:
+        units = [[i] for i in range(len(prompts)) if responses[i]]
+    unit_lengths = [sum(len(prompts[i]) + len(responses[i]) - 1 for i in unit) for unit in units]
+    mine = shard_across_ranks(unit_lengths, world_size)[rank]
+    micro_batches = []
+    for group in split_by_token_budget([unit_lengths[u] for u in mine], budget):
+        sequence_ids = [i for j in group for i in units[mine[j]]]
+        micro_batches.append(pack_micro_batch(prompts, responses, sequence_ids))
+    return micro_batches
+
+
+def placeholder_micro_batch() -> PackedMicroBatch:
+    """One token scoring one token: what a rank with no work left runs so that every rank makes
+    the same number of forward/backward passes (FSDP2's collectives must match); zero loss."""
+    placeholder = pack_micro_batch([[0]], [[0]], [0])
+    placeholder.is_placeholder = True
+    placeholder.sequence_ids = []
+    return placeholder

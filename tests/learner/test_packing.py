@@ -39,6 +39,20 @@ def test_token_budget_split():
     assert [mb.sequence_ids for mb in mbs] == [[0, 1], [2, 3]]
 
 
+def test_units_stay_together_and_ranks_partition_the_batch():
+    prompts = [[1, 2]] * 6
+    responses = [[3] * n for n in (4, 2, 6, 1, 3, 5)]
+    units = [[0, 1], [2, 3], [4, 5]]  # e.g. DPO (chosen, rejected) pairs
+    per_rank = [
+        plan_micro_batches(prompts, responses, 9, units=units, rank=r, world_size=2) for r in range(2)
+    ]
+    seen = [mb.sequence_ids for mbs in per_rank for mb in mbs]
+    assert sorted(i for ids in seen for i in ids) == list(range(6))
+    for ids in seen:
+        for unit in units:
+            assert set(unit) <= set(ids) or not set(unit) & set(ids)
+
+
 def test_shard_across_ranks_balances_tokens():
     lengths = [10, 1, 7, 3, 3, 8]
     shards = shard_across_ranks(lengths, 2)

@@ -1,0 +1,160 @@
+"""`LearnerGroup`: N learner ranks as Ray actors in one torch.distributed group (FSDP2 when N > 1).
+
+Same interface as `Learner`. Every call goes to every rank (FSDP2's collectives need all of
+them); a batch is put in the object store once and each rank trains on its token-balanced
+share. Rank 0 picks the rendezvous address and port, and is the one that streams weights out.
+
+    group = LearnerGroup(recipe, num_ranks=2)
+    metrics = group.train_step(batch)
+    for bucket in group.weight_buckets():      # [(hf_name, tensor), ...]
+        engine.update_weights(bucket)
+    group.close()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import ray
+import torch
+
+from rlcpm.config import Recipe
+from rlcpm.errors import TrainingError
+from rlcpm.learner.weights import DEFAULT_BUCKET_BYTES, NamedTensors
+
+
+class LearnerRank:
+    """One rank (the Ray actor class): joins the process group, then holds a `Learner`."""
+
+    def __init__(self, recipe: Recipe, model_dir: str | None, rank: int, world_size: int):
+        self.recipe, self.model_dir, self.rank, self.world_size = recipe, model_dir, rank, world_size
+        self.learner = None
+
+    def rendezvous(self) -> tuple[str, int]:
+        """(address, free port) of this node: rank 0's is the group's master."""
+        from rlcpm.learner.distributed import free_port, node_address
+
+        return node_address(), free_port()
+
+    def setup(self, master_addr: str, master_port: int) -> None:
+        from rlcpm.learner.distributed import init_process_group
+        from rlcpm.learner.learner import Learner
+
+        if self.world_size > 1:
+            init_process_group(self.rank, self.world_size, master_addr, master_port)
+        self.learner = Learner(
+            self.recipe, model_dir=self.model_dir, rank=self.rank, world_size=self.world_size
+        )
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.learner, method)(*args, **kwargs)
+
+    def get(self, attribute: str) -> Any:
+        return getattr(self.learner, attribute)
+
+    def weight_buckets(self, bucket_bytes: int, dtype: torch.dtype | None):
+        """A generator; every rank gathers in step, only rank 0 yields the buckets."""
+        for bucket in self.learner.weight_buckets(bucket_bytes, dtype):
+            if self.rank == 0:
+                yield bucket
+
+
+class LearnerGroup:
+    """Data-parallel learner ranks on Ray; see the module docstring."""
+
+    def __init__(
+        self,
+        recipe: Recipe,
+        *,
+        model_dir: str | Path | None = None,
+        num_ranks: int | None = None,
+        num_cpus_per_rank: float = 1.0,
+    ):
+        if not ray.is_initialized():
+            raise TrainingError("LearnerGroup needs a running Ray instance (ray.init() or rlcpm's trainer)")
+        self.world_size = num_ranks or recipe.learner.data_parallel
+        actor_class = ray.remote(LearnerRank).options(
+            num_cpus=num_cpus_per_rank, num_gpus=recipe.cluster.gpus_per_learner
+        )
+        model_dir = str(model_dir) if model_dir is not None else None
+        self.ranks = [
+            actor_class.remote(recipe, model_dir, r, self.world_size) for r in range(self.world_size)
+        ]
+        master_addr, master_port = ray.get(self.ranks[0].rendezvous.remote())
+        ray.get([rank.setup.remote(master_addr, master_port) for rank in self.ranks])
+
+    def _on_all_ranks(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """Call `Learner.method` on every rank; returns rank 0's result."""
+        args = tuple(ray.put(a) if _is_large(a) else a for a in args)
+        return ray.get([rank.call.remote(method, *args, **kwargs) for rank in self.ranks])[0]
+
+    # The Learner interface ------------------------------------------------------------------
+
+    def compute_logprobs(self, batch, *, reference: bool = False) -> list[list[float]]:
+        return self._on_all_ranks("compute_logprobs", batch, reference=reference)
+
+    def response_logprobs(self, prompts, responses, **kwargs) -> list[list[float]]:
+        return self._on_all_ranks("response_logprobs", prompts, responses, **kwargs)
+
+    def sequence_logprobs(self, prompts, responses, **kwargs) -> list[float]:
+        return self._on_all_ranks("sequence_logprobs", prompts, responses, **kwargs)
+
+    def train_step(self, batch) -> dict[str, float]:
+        return self._on_all_ranks("train_step", batch)
+
+    def sft_step(self, examples) -> dict[str, float]:
+        return self._on_all_ranks("sft_step", examples)
+
+    def dpo_step(self, pairs) -> dict[str, float]:
+        return self._on_all_ranks("dpo_step", pairs)
+
+    def save_checkpoint(self, path: str | Path, extra: dict | None = None) -> Path:
+        return self._on_all_ranks("save_checkpoint", str(path), extra)
+
+    def load_checkpoint(self, path: str | Path) -> dict:
+        return self._on_all_ranks("load_checkpoint", str(path))
+
+    def export_hf(self, path: str | Path) -> Path:
+        return self._on_all_ranks("export_hf", str(path))
+
+    def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for bucket in self.weight_buckets():
+            yield from bucket
+
+    def weight_buckets(
+        self, bucket_bytes: int = DEFAULT_BUCKET_BYTES, dtype: torch.dtype | None = None
+    ) -> Iterator[NamedTensors]:
+        """Rank 0's buckets, streamed as they are gathered (Ray streaming generators)."""
+        streams = [
+            rank.weight_buckets.options(num_returns="streaming").remote(bucket_bytes, dtype)
+            for rank in self.ranks
+        ]
+        for ref in streams[0]:
+            yield ray.get(ref)
+        for stream in streams[1:]:  # the other ranks end their (empty) streams
+            for ref in stream:
+                ray.get(ref)
+
+    @property
+    def step(self) -> int:
+        return ray.get(self.ranks[0].get.remote("step"))
+
+    @property
+    def policy_version(self) -> int:
+        return ray.get(self.ranks[0].get.remote("policy_version"))
+
+    def close(self) -> None:
+        """Leave the process group on every rank, then end the actors."""
+        if not self.ranks:
+            return
+        ray.get([rank.call.remote("close") for rank in self.ranks])
+        for rank in self.ranks:
+            ray.kill(rank)
+        self.ranks = []
+
+
+def _is_large(value: Any) -> bool:
+    """Batches go through the object store once instead of once per rank."""
+    return isinstance(value, list | tuple) and len(value) > 8 or hasattr(value, "sequences")

@@ -1,0 +1,184 @@
+"""`Learner` on a tiny model: on-policy ratios, micro-batching invariance, KL reference, LoRA, weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rlcpm.learner import RLBatch
+from rlcpm.learner.learner import Learner
+from rlcpm.models import load_model
+
+
+def _capture_gradients(learner: Learner) -> dict[str, torch.Tensor]:
+    """Read the accumulated gradients just before each optimizer step (a step pre-hook)."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(optimizer, args, kwargs):
+        for name, param in learner.root.named_parameters():
+            if param.grad is not None:
+                captured[name] = param.grad.detach().clone()
+
+    learner.optimizer.register_step_pre_hook(hook)
+    return captured
+
+
+def test_first_update_on_policy_has_unit_ratio_and_no_clipping(make_recipe, make_rl_batch):
+    learner = Learner(make_recipe({"rollout": {"temperature": 0.8}}))
+    batch = make_rl_batch(learner)
+    metrics = learner.train_step(batch)
+    assert metrics["train/ratio_mean"] == 1.0 and metrics["train/ratio_max"] == 1.0
+    assert (
+        metrics["train/clip_frac_low"]
+        == metrics["train/clip_frac_high"]
+        == metrics["train/dual_clip_frac"]
+        == 0.0
+    )
+    assert metrics["train/num_tokens"] == batch.num_loss_tokens
+    assert learner.step == learner.policy_version == 1
+    # the policy moved: the same tokens now have other log-probs (ratio != 1 on a second pass)
+    assert learner.train_step(batch)["train/ratio_max"] != 1.0
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_gradient_accumulation_invariance(make_recipe, make_rl_batch, agg):
+    """One packed micro-batch == many (a 24-token budget), gradients to 1e-6 relative."""
+    grads = []
+    for budget in (4096, 24):
+        recipe = make_recipe(
+            {"learner": {"micro_batch_tokens": budget}, "algorithm": {"loss_agg": agg, "kl_coef": 0.05}}
+        )
+        learner = Learner(recipe)
+        batch = make_rl_batch(learner, num_groups=3, seed=1)
+        batch.sequences[2].is_loss_masked = True  # an overlong-filtered response
+        captured = _capture_gradients(learner)
+        learner.train_step(batch)
+        grads.append(captured)
+    one, many = grads
+    assert one.keys() == many.keys() and len(one) > 0
+    for name in one:
+        torch.testing.assert_close(many[name], one[name], rtol=1e-6, atol=1e-6 * one[name].abs().max().item())
+
+
+def test_loss_masked_responses_get_no_gradient(make_recipe, make_rl_batch):
+    learner = Learner(make_recipe())
+    batch = make_rl_batch(learner, num_groups=1)
+    for seq in batch.sequences:
+        seq.is_loss_masked = True
+    captured = _capture_gradients(learner)
+    metrics = learner.train_step(batch)
+    assert metrics.get("train/num_tokens", 0.0) == 0.0
+    assert all(g.abs().max() == 0 for g in captured.values())
+
+
+def test_kl_reference_is_initial_policy_and_refreshes(make_recipe, make_rl_batch):
+    recipe = make_recipe({"algorithm": {"kl_coef": 0.1, "ref_refresh_every": 2}})
+    learner = Learner(recipe)
+    batch = make_rl_batch(learner)
+    assert learner.train_step(batch)["train/kl"] == 0.0  # pi_theta == pi_ref before the first update
+    initial = learner.compute_logprobs(batch, reference=True)
+    metrics = learner.train_step(make_rl_batch(learner, seed=3))
+    assert metrics["train/kl"] > 0.0
+    # after step 2 the reference was refreshed to the current policy
+    assert learner.compute_logprobs(batch, reference=True) == learner.compute_logprobs(batch)
+    assert learner.compute_logprobs(batch, reference=True) != initial
+
+
+def test_kl_reference_matches_untrained_model(make_recipe, make_rl_batch):
+    learner = Learner(make_recipe({"algorithm": {"kl_coef": 0.1}}))
+    batch = make_rl_batch(learner)
+    before = learner.compute_logprobs(batch)
+    learner.train_step(batch)
+    assert learner.compute_logprobs(batch, reference=True) == before
+    assert learner.compute_logprobs(batch) != before
+
+
+def test_lora_reference_is_base_model_and_export_merges(make_recipe, make_rl_batch, tmp_path):
+    lora = {"rank": 4, "alpha": 8.0, "targets": ["q_proj", "v_proj", "down_proj"]}
+    learner = Learner(make_recipe({"learner": {"lora": lora, "lr": 1e-2}, "algorithm": {"kl_coef": 0.1}}))
+    trainable = {n for n, p in learner.root.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_" in n for n in trainable)
+    batch = make_rl_batch(learner)
+    base = learner.compute_logprobs(batch)
+    for _ in range(2):
+        learner.train_step(batch)
+    assert learner.compute_logprobs(batch, reference=True) == base  # adapters disabled == base model
+    trained = learner.compute_logprobs(batch)
+    assert trained != base
+
+    exported = learner.export_hf(tmp_path / "merged")
+    assert any(".lora_" in n for n, _ in learner.policy.named_parameters())  # not merged in place
+    merged = load_model(exported)
+    prompts = [s.prompt_token_ids for s in batch.sequences]
+    responses = [s.response_token_ids for s in batch.sequences]
+    with torch.no_grad():
+        for i in range(3):
+            ids = torch.tensor(prompts[i] + responses[i])
+            logits = merged(ids[None])[0, len(prompts[i]) - 1 : -1]
+            expected = logits.log_softmax(-1).gather(1, ids[len(prompts[i]) :, None]).squeeze(1)
+            torch.testing.assert_close(torch.tensor(trained[i]), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_weight_buckets_carry_hf_names_and_respect_the_budget(make_recipe, tiny_model_dir):
+    learner = Learner(make_recipe())
+    reference = dict(load_model(tiny_model_dir).named_parameters())
+    buckets = list(learner.weight_buckets(bucket_bytes=20_000))
+    assert len(buckets) > 1
+    for bucket in buckets:
+        sizes = [t.numel() * t.element_size() for _, t in bucket]
+        assert len(bucket) == 1 or sum(sizes) <= 20_000
+    streamed = {name: tensor for bucket in buckets for name, tensor in bucket}
+    assert streamed.keys() == reference.keys()
+    for name, tensor in streamed.items():
+        assert torch.equal(tensor, reference[name].detach())
+    half = next(iter(learner.weight_buckets(dtype=torch.bfloat16)))
+    assert half[0][1].dtype == torch.bfloat16
+
+
+def test_sft_step_lowers_nll(make_recipe):
+    from rlcpm.learner import SFTSequence
+
+    learner = Learner(make_recipe({"algorithm": {"name": "sft"}, "rewards": [], "learner": {"lr": 1e-2}}))
+    examples = [SFTSequence([5, 6, 7], [8, 9, 10, 11]), SFTSequence([12, 13], [14, 15])]
+    first = learner.sft_step(examples)["train/nll"]
+    for _ in range(5):
+        last = learner.sft_step(examples)["train/nll"]
+    assert last < first - 0.5
+
+
+def test_engine_samples_are_on_policy_and_weights_stream_back(make_recipe, tiny_model_dir):
+    """The engine's behaviour log-probs (top-p, temperature) are the learner's; after an update,
+    streamed weights make the engine agree with the learner again."""
+    from itertools import chain
+
+    from rlcpm.learner import RLSequence
+    from rlcpm.rollout import Engine, SamplingParams
+
+    learner = Learner(make_recipe({"rollout": {"temperature": 0.8, "top_p": 0.9, "top_k": 50}}))
+    engine = Engine.from_pretrained(str(tiny_model_dir), dtype="float32")
+    params = SamplingParams(max_new_tokens=10, temperature=0.8, top_p=0.9, top_k=50, seed=0, ignore_eos=True)
+    prompts = [[11, 12, 13, 14], [21, 22, 23], [31, 32, 33, 34, 35]]
+
+    def rollout():
+        outs = engine.generate(prompts, params)
+        return [
+            RLSequence(p, list(o.token_ids), list(o.logprobs), advantage=a)
+            for p, o, a in zip(prompts, outs, (1.0, -1.0, 0.5))
+        ]
+
+    batch = RLBatch(rollout())
+    learner_logprobs = learner.compute_logprobs(batch)
+    for seq, mine in zip(batch.sequences, learner_logprobs):
+        torch.testing.assert_close(
+            torch.tensor(mine), torch.tensor(seq.behaviour_logprobs), rtol=0, atol=1e-5
+        )
+    metrics = learner.train_step(batch)
+    assert metrics["train/ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert metrics["train/clip_frac_low"] == metrics["train/clip_frac_high"] == 0.0
+
+    engine.update_weights(chain.from_iterable(learner.weight_buckets(bucket_bytes=50_000)), version=1)
+    batch = RLBatch(rollout())
+    for seq, mine in zip(batch.sequences, learner.compute_logprobs(batch)):
+        torch.testing.assert_close(
+            torch.tensor(mine), torch.tensor(seq.behaviour_logprobs), rtol=0, atol=1e-5
+        )
