@@ -6,10 +6,11 @@ Both implement the same contract (rlcpm.models.attention.AttentionBackend):
 - paged cache: new K/V are written at `meta.slot_mapping` first; new query i of sequence s
   (0-based among its n_s new tokens) then sees cached keys j < context_lens[s] - n_s + i + 1.
 
-`dense` pads the ragged batch into [S, max_len] with one scatter (no Python loop over tokens
-or sequences) and runs one `scaled_dot_product_attention` call; padded query rows are
-computed and dropped. `reference` loops over sequences and spells the mask out; it is the
-oracle in tests.
+`dense` pads a batch of similar-length sequences into [S, max_len] with one scatter and runs
+one `scaled_dot_product_attention` call (padded query rows are computed and dropped); when
+padding would more than double the work (ragged lengths) it runs one call per sequence
+instead. No Python loop over tokens. `reference` loops over sequences and spells the mask
+out; it is the oracle in tests.
 """
 
 from __future__ import annotations
@@ -99,42 +100,73 @@ def _unpad(x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
     return x if index is None else x.index_select(0, index)
 
 
+def is_padding_cheap(meta: AttentionMetadata) -> bool:
+    """Batch all sequences in one padded SDPA call when that does at most twice the real work
+    (query x key pairs); otherwise loop over sequences (ragged lengths: no quadratic waste)."""
+
+    def decide() -> bool:
+        n = meta.seq_lens_q.tolist()
+        keys = meta.context_lens.tolist() if meta.has_cache else n
+        padded = len(n) * max(n) * max(keys)
+        return padded <= 2 * sum(a * b for a, b in zip(n, keys))
+
+    return meta.cached("is_padding_cheap", decide)
+
+
 class DenseAttention(AttentionBackend):
-    """Exact causal attention with torch `scaled_dot_product_attention`."""
+    """Exact causal attention with torch `scaled_dot_product_attention`.
+
+    Batched over sequences when their lengths are similar (padded rows are computed and
+    dropped), one call per sequence when padding would more than double the work.
+    """
 
     def forward(self, q, k, v, meta, layer_idx, kv_cache=None):
         if kv_cache is None:
-            return self._packed(q, k, v, meta)
+            if meta.num_seqs == 1 or not is_padding_cheap(meta):
+                return self._per_sequence(q, k, v, meta)
+            # Ragged sequences padded at their ends: causal masking keeps the real rows exact.
+            out = self._sdpa(_pad(q, meta), _pad(k, meta), _pad(v, meta), is_causal=True)
+            return _unpad(out, meta)
         kv_cache.write(layer_idx, k, v, meta.slot_mapping)
+        if not is_padding_cheap(meta):
+            return self._per_sequence_cached(q, kv_cache, layer_idx, meta)
         k_ctx, v_ctx = gather_cached_kv(kv_cache, layer_idx, meta)  # [S, Lk, Hkv, D]
         k_ctx, v_ctx = k_ctx.to(q.dtype).transpose(1, 2), v_ctx.to(q.dtype).transpose(1, 2)
         mask = paged_visibility(meta)[:, None]  # [S, 1, max_q, Lk]
         if meta.is_decode:  # one new token per sequence: no padding, q [S, Hq, 1, D]
-            out = F.scaled_dot_product_attention(
-                q[:, :, None], k_ctx, v_ctx, attn_mask=mask, scale=self.scale, enable_gqa=True
-            )
-            return out[:, :, 0]
-        out = F.scaled_dot_product_attention(
-            _pad(q, meta), k_ctx, v_ctx, attn_mask=mask, scale=self.scale, enable_gqa=True
-        )
-        return _unpad(out, meta)
+            return self._sdpa(q[:, :, None], k_ctx, v_ctx, attn_mask=mask)[:, :, 0]
+        return _unpad(self._sdpa(_pad(q, meta), k_ctx, v_ctx, attn_mask=mask), meta)
 
-    def _packed(self, q, k, v, meta):
-        if meta.num_seqs == 1:
-            out = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None],
-                k.transpose(0, 1)[None],
-                v.transpose(0, 1)[None],
-                is_causal=True,
-                scale=self.scale,
-                enable_gqa=True,
+    def _sdpa(self, q, k, v, **kwargs):
+        return F.scaled_dot_product_attention(q, k, v, scale=self.scale, enable_gqa=True, **kwargs)
+
+    def _per_sequence(self, q, k, v, meta):
+        """Causal attention of each packed sequence on its own: [T, H, D] -> [T, Hq, D]."""
+        lens = meta.seq_lens_q.tolist()
+        outs = [
+            self._sdpa(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1), is_causal=True).transpose(
+                0, 1
             )
-            return out[0].transpose(0, 1)
-        # Ragged sequences padded at their ends: causal masking keeps real rows exact.
-        out = F.scaled_dot_product_attention(
-            _pad(q, meta), _pad(k, meta), _pad(v, meta), is_causal=True, scale=self.scale, enable_gqa=True
-        )
-        return _unpad(out, meta)
+            for qs, ks, vs in zip(q.split(lens), k.split(lens), v.split(lens))
+        ]
+        return torch.cat(outs)
+
+    def _per_sequence_cached(self, q, kv_cache, layer_idx, meta):
+        """Each sequence's n new queries against its own cached keys (no cross-sequence padding)."""
+        lens = meta.seq_lens_q.tolist()
+        contexts = meta.context_lens.tolist()
+        block_size = kv_cache.block_size
+        outs = []
+        for s, (qs, n, ctx) in enumerate(zip(q.split(lens), lens, contexts)):
+            blocks = meta.block_tables[s, : -(-ctx // block_size)].long()
+            ks = (
+                kv_cache.k[layer_idx][blocks].flatten(0, 1)[:ctx].to(q.dtype).transpose(0, 1)
+            )  # [Hkv, ctx, D]
+            vs = kv_cache.v[layer_idx][blocks].flatten(0, 1)[:ctx].to(q.dtype).transpose(0, 1)
+            i = torch.arange(n, device=q.device)[:, None]
+            visible = torch.arange(ctx, device=q.device)[None, :] <= ctx - n + i  # [n, ctx]
+            outs.append(self._sdpa(qs.transpose(0, 1), ks, vs, attn_mask=visible).transpose(0, 1))
+        return torch.cat(outs)
 
 
 class ReferenceAttention(AttentionBackend):

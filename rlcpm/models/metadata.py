@@ -41,7 +41,7 @@ import torch
 from rlcpm.errors import EngineError
 
 
-@dataclass
+@dataclass(eq=False)
 class AttentionMetadata:
     """How the T tokens of one forward split into S sequences (and, with a cache, where they go).
 

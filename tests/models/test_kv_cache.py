@@ -50,6 +50,8 @@ SCHEDULES = {
     "k-tokens": lambda step: [3],
     "prefill-then-decode": lambda step: [6, 9, 4] if step == 0 else [1],
     "mixed": lambda step: [[5, 1, 2], [1, 4, 1], [2, 2, 7]][step % 3],
+    # One long chunk among single tokens: ragged enough for the per-sequence path.
+    "chunk-among-decodes": lambda step: [[1, 9, 1], [1], [1, 1, 12], [1]][step % 4],
 }
 
 
@@ -86,6 +88,17 @@ def test_paged_metadata_slot_mapping_by_hand():
     assert meta.context_lens.tolist() == [5, 6]
     assert meta.max_seqlen_q == 3 and not meta.is_decode
     assert AttentionMetadata.paged([1, 1], [3, 9], [[1], [2, 3, 4]], block_size=4).is_decode
+
+
+def test_dense_backend_path_choice_by_hand():
+    from rlcpm.models.dense_attention import is_padding_cheap
+
+    # 3 sequences, 1/9/1 new tokens, contexts 1/9/1: padded 3*9*9 = 243 pairs > 2 * (1 + 81 + 1).
+    assert not is_padding_cheap(AttentionMetadata.paged([1, 9, 1], [1, 9, 1], [[0], [1, 2, 3], [4]], 4))
+    # Decode with similar contexts: padded 3*1*12 = 36 <= 2 * (10 + 12 + 11).
+    assert is_padding_cheap(AttentionMetadata.paged([1, 1, 1], [10, 12, 11], [[0, 1, 2]] * 3, 4))
+    assert not is_padding_cheap(AttentionMetadata.packed([7, 1, 19, 4, 12]))
+    assert is_padding_cheap(AttentionMetadata.packed([9, 11, 10, 11]))
 
 
 def test_negative_slots_are_not_stored():

@@ -7,7 +7,8 @@ import torch
 
 from rlcpm.models import AttentionMetadata
 
-LENGTHS = [7, 1, 19, 4, 12]
+LENGTHS = [7, 1, 19, 4, 12]  # ragged: the dense backend runs one attention call per sequence
+SIMILAR = [9, 11, 10, 11]  # similar: the dense backend runs one padded call for all
 
 
 def _packed_and_single(model, seqs):
@@ -20,13 +21,14 @@ def _packed_and_single(model, seqs):
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "minicpm"])
 @pytest.mark.parametrize("backend", ["dense", "reference"])
-def test_packed_equals_per_sequence(model_type, backend, make_model, random_ids):
+@pytest.mark.parametrize("lengths", [LENGTHS, SIMILAR], ids=["ragged", "similar"])
+def test_packed_equals_per_sequence(model_type, backend, lengths, make_model, random_ids):
     model = make_model(model_type, num_key_value_heads=2)
     model.set_attention_backend(backend)
-    seqs = [random_ids(n, seed=i) for i, n in enumerate(LENGTHS)]
+    seqs = [random_ids(n, seed=i) for i, n in enumerate(lengths)]
     with torch.no_grad():
         packed, single = _packed_and_single(model, seqs)
-    assert packed.shape == (sum(LENGTHS), 96)
+    assert packed.shape == (sum(lengths), 96)
     assert (packed - single).abs().max().item() <= 1e-5
 
 
@@ -52,15 +54,16 @@ def test_default_positions_restart_per_sequence(make_model, random_ids):
     assert torch.equal(implicit, explicit)
 
 
-def test_packed_gradients_equal_per_sequence_gradients(make_model, random_ids):
+@pytest.mark.parametrize("lengths", [LENGTHS, SIMILAR], ids=["ragged", "similar"])
+def test_packed_gradients_equal_per_sequence_gradients(lengths, make_model, random_ids):
     model = make_model("qwen2").train()
-    seqs = [random_ids(n, seed=i) for i, n in enumerate(LENGTHS)]
-    weights = torch.randn(sum(LENGTHS), 96, generator=torch.Generator().manual_seed(3))
+    seqs = [random_ids(n, seed=i) for i, n in enumerate(lengths)]
+    weights = torch.randn(sum(lengths), 96, generator=torch.Generator().manual_seed(3))
 
     def grads(packed: bool):
         model.zero_grad()
         if packed:
-            out = model(torch.cat(seqs), meta=AttentionMetadata.packed(LENGTHS))
+            out = model(torch.cat(seqs), meta=AttentionMetadata.packed(lengths))
         else:
             out = torch.cat([model(s[None])[0] for s in seqs])
         (out * weights).sum().backward()
