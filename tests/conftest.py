@@ -6,6 +6,9 @@ import os
 
 import pytest
 
+# One intra-op thread per process: the suite runs several processes (pytest, Ray actors, sandboxes)
+# on 2 cores, and tiny-model matmuls slow down ~100x when threads oversubscribe the cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
