@@ -182,3 +182,35 @@ def test_engine_samples_are_on_policy_and_weights_stream_back(make_recipe, tiny_
         torch.testing.assert_close(
             torch.tensor(mine), torch.tensor(seq.behaviour_logprobs), rtol=0, atol=1e-5
         )
+
+
+@pytest.mark.parametrize(
+    "lora", [None, {"rank": 4, "alpha": 16.0, "targets": ["q_proj", "v_proj", "up_proj"]}]
+)
+def test_dpo_with_on_the_fly_reference_learns_the_preference(make_recipe, lora):
+    """precompute_ref: false keeps pi_ref (a frozen copy, or the adapter-free base with LoRA) and
+    scores pairs as they come; the first loss is log 2 (pi == pi_ref), then preferences are learned."""
+    import math
+
+    from rlcpm.learner import PreferencePair
+
+    learner_cfg = {"lr": 2e-2, **({"lora": lora} if lora else {})}
+    recipe = make_recipe(
+        {
+            "algorithm": {"name": "dpo", "beta": 0.5, "precompute_ref": False},
+            "rewards": [],
+            "learner": learner_cfg,
+        }
+    )
+    learner = Learner(recipe)
+    assert learner.reference is not None and (learner.reference.frozen is None) == (lora is not None)
+    pairs = lambda: [
+        PreferencePair([5, 6, 7], [8, 9], [10, 11, 12]),
+        PreferencePair([13, 14], [15], [16, 17]),
+    ]
+    first = learner.dpo_step(pairs())
+    assert first["train/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    for _ in range(6):
+        last = learner.dpo_step(pairs())
+    assert last["train/loss"] < first["train/loss"] - 0.1
+    assert last["train/accuracy"] == 1.0 and last["train/margin"] > 0

@@ -1,0 +1,99 @@
+"""Checkpoints: train 3, save, load in a fresh process, train 2 == train 5 straight (bit-exact on CPU);
+atomic writes, keep-last-K, `latest` discovery."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlcpm.errors import CheckpointError
+from rlcpm.learner import checkpoint as ckpt
+
+SCRIPT = Path(__file__).with_name("resume_run.py")
+
+
+def _run(recipe_file: Path, checkpoint: Path, out: Path, mode: str) -> dict:
+    subprocess.run(
+        [sys.executable, str(SCRIPT), str(recipe_file), str(checkpoint), str(out), "--mode", mode],
+        check=True,
+        env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+        timeout=300,
+    )
+    return json.loads(out.with_suffix(".json").read_text())
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param(
+            {"algorithm": {"kl_coef": 0.05, "ref_refresh_every": 2}, "learner": {"max_grad_norm": 0.5}},
+            id="full-refreshed-reference",
+        ),
+        pytest.param(
+            {
+                "algorithm": {"kl_coef": 0.05},
+                "learner": {
+                    "lora": {"rank": 4, "alpha": 8.0, "dropout": 0.1, "targets": ["q_proj", "up_proj"]}
+                },
+            },
+            id="lora-with-dropout-rng",
+        ),
+    ],
+)
+def test_resume_in_fresh_process_is_bit_exact(make_recipe, tmp_path, overrides):
+    schedule = {"name": "wsd", "warmup_steps": 2, "decay_fraction": 0.4, "decay_form": "linear"}
+    recipe = make_recipe(
+        {**overrides, "learner": {**overrides["learner"], "total_steps": 5, "schedule": schedule}}
+    )
+    recipe_file = tmp_path / "recipe.json"
+    recipe_file.write_text(recipe.model_dump_json())
+    checkpoint = tmp_path / "ckpt" / "step_00000003"
+
+    straight = _run(recipe_file, checkpoint, tmp_path / "straight.safetensors", "straight")
+    resumed = _run(recipe_file, checkpoint, tmp_path / "resumed.safetensors", "resume")
+
+    assert straight["step"] == resumed["step"] == 5
+    assert resumed["losses"] == {k: v for k, v in straight["losses"].items() if int(k) >= 3}
+    a, b = load_file(tmp_path / "straight.safetensors"), load_file(tmp_path / "resumed.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert (checkpoint / ckpt.MODEL_DIR / "config.json").is_file()
+    assert (checkpoint / ckpt.ADAPTER_FILE).is_file() == (recipe.learner.lora is not None)
+
+
+def test_atomic_directory_keeps_old_checkpoint_on_failure(tmp_path):
+    target = tmp_path / "step_00000001"
+    with ckpt.atomic_directory(target) as tmp:
+        (tmp / ckpt.STATE_FILE).write_text("v1")
+    with pytest.raises(RuntimeError):
+        with ckpt.atomic_directory(target) as tmp:
+            (tmp / ckpt.STATE_FILE).write_text("v2")
+            raise RuntimeError("crash while writing")
+    assert (target / ckpt.STATE_FILE).read_text() == "v1"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001"]
+
+
+def test_latest_and_keep_last(tmp_path):
+    for step in (2, 10, 7):
+        with ckpt.atomic_directory(ckpt.checkpoint_path(tmp_path, step)) as tmp:
+            (tmp / ckpt.STATE_FILE).write_text(str(step))
+    (tmp_path / "step_00000011").mkdir()  # incomplete: no state file
+    (tmp_path / "step_00000012.tmp-99").mkdir()  # a crashed write
+    assert ckpt.latest_checkpoint(tmp_path).name == "step_00000010"
+    ckpt.prune_checkpoints(tmp_path, keep_last=2)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [7, 10]
+    assert not (tmp_path / "step_00000012.tmp-99").exists()
+    assert ckpt.latest_checkpoint(tmp_path / "missing") is None
+
+
+def test_loading_an_incomplete_checkpoint_names_the_file(tmp_path):
+    (tmp_path / "step_00000004").mkdir()
+    with pytest.raises(CheckpointError, match="trainer_state.pt"):
+        ckpt.load_trainer_state(tmp_path / "step_00000004")
