@@ -24,7 +24,7 @@ class ChunkRequest:
     prompt_token_ids: list[int]
     output_token_ids: list[int]  # generated so far (the engine continues from here)
     seed: int
-    max_new_tokens: int  # tokens still allowed by the global length limit
+    max_new_tokens: int  # the global response limit, counting earlier chunks' tokens too
     max_chunk_tokens: int | None  # this round's budget
 
 
@@ -109,14 +109,13 @@ class ChunkScheduler:
             for traj in group.trajectories:
                 if traj.is_finished:
                     continue
-                remaining = self.max_new_tokens - len(traj.response_token_ids)
                 requests.append(
                     ChunkRequest(
                         traj_id=traj.traj_id,
                         prompt_token_ids=traj.prompt_token_ids,
                         output_token_ids=list(traj.response_token_ids),
                         seed=traj.seed,
-                        max_new_tokens=remaining,
+                        max_new_tokens=self.max_new_tokens,
                         max_chunk_tokens=self.chunk_tokens,
                     )
                 )

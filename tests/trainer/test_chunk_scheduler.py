@@ -30,7 +30,7 @@ def fake_round(sched, lengths, version, eos_at=None):
     for req in sched.next_requests():
         target = lengths[req.traj_id]
         done = len(req.output_token_ids)
-        budget = min(req.max_chunk_tokens or 10**9, req.max_new_tokens)
+        budget = min(req.max_chunk_tokens or 10**9, req.max_new_tokens - done)
         n = min(budget, target - done)
         finished = done + n >= target
         reason = "chunk" if not finished else ("stop" if target < sched.max_new_tokens else "length")
@@ -45,7 +45,7 @@ def test_carry_over_spans_versions_and_finishes_groups():
     assert fake_round(sched, lengths, version=0) == []  # g0.1 and g1.0 carry over
     reqs = {r.traj_id: r for r in sched.next_requests()}
     assert set(reqs) == {"g0.1", "g1.0"}
-    assert reqs["g0.1"].output_token_ids == [0, 1, 2, 3] and reqs["g0.1"].max_new_tokens == 6
+    assert reqs["g0.1"].output_token_ids == [0, 1, 2, 3] and reqs["g0.1"].max_new_tokens == 10
     assert fake_round(sched, lengths, version=1) == []
     done = fake_round(sched, lengths, version=2)
     assert [g.group_id for g in done] == ["g0", "g1"]

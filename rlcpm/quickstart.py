@@ -1,0 +1,63 @@
+"""`rlcpm quickstart`: build a tiny starting model (SFT, cached), then GRPO with chunk-wise rollout.
+
+The held-out accuracy before and after RL is printed and written to RUN_DIR/summary.json as
+`accuracy_before` / `accuracy_after` (at the rollout temperature) and `greedy_accuracy_*`.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from rlcpm.config import load_recipe
+from rlcpm.errors import RlcpmError
+from rlcpm.models.checkpoint import CONFIG_NAME
+
+log = logging.getLogger("rlcpm")
+
+QUICKSTART_RECIPE = Path("recipes/quickstart.yaml")
+STARTING_MODEL_RECIPE = Path("recipes/quickstart_sft.yaml")
+
+
+def run_quickstart(
+    run_dir: str = "runs/quickstart", recipe_path: str | None = None, overrides: Sequence[str] = ()
+) -> dict:
+    from rlcpm.monitor import setup_logging
+    from rlcpm.trainer import train
+
+    setup_logging()
+    path = Path(recipe_path) if recipe_path else QUICKSTART_RECIPE
+    if not path.is_file():
+        raise RlcpmError(f"{path} not found: run from the repository root, or pass --recipe PATH")
+    recipe = load_recipe(path, [f"run_dir={run_dir}", *overrides])
+    start = time.perf_counter()
+    if recipe.model.path and not (Path(recipe.model.path) / CONFIG_NAME).is_file():
+        build_starting_model(Path(recipe.model.path), path.parent / STARTING_MODEL_RECIPE.name)
+    result = train(recipe)
+    summary = result.summary
+    minutes = (time.perf_counter() - start) / 60
+    print(f"\nquickstart finished in {minutes:.1f} min; run directory: {result.run_dir}")
+    for label, key in (("sampled", "accuracy"), ("greedy", "greedy_accuracy")):
+        before, after = summary.get(f"{key}_before"), summary.get(f"{key}_after")
+        if before is not None and after is not None:
+            print(f"held-out accuracy ({label}): {before:.1%} -> {after:.1%} ({(after - before) * 100:+.1f} points)")
+    print(f"plots: rlcpm report {result.run_dir}")
+    return summary
+
+
+def build_starting_model(target: Path, sft_recipe: Path) -> Path:
+    """SFT a tiny model with `sft_recipe` and install its final checkpoint at `target` (atomically)."""
+    from rlcpm.trainer import train
+
+    log.info("building the quickstart's starting model at %s (SFT, once)", target)
+    result = train(load_recipe(sft_recipe))
+    if result.final_model_dir is None:
+        raise RlcpmError(f"the SFT run of {sft_recipe} produced no final model")
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(result.final_model_dir, tmp)
+    tmp.rename(target)
+    return target

@@ -1,0 +1,60 @@
+"""Held-out accuracy on the rollout workers: at the rollout temperature (seeded) and greedy."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rlcpm.config import Recipe
+from rlcpm.rollout import SamplingParams
+from rlcpm.trainer.scoring import reward_metrics
+
+
+def evaluate(recipe: Recipe, rollout_pool, reward_pool, examples: Sequence, tokenize, decode) -> dict[str, float]:
+    """`eval/accuracy` (one seeded sample per prompt at the eval temperature) and
+    `eval/greedy_accuracy`, plus the reward means, on the first `eval.num_prompts` examples."""
+    from rlcpm.rewards import Sample
+
+    examples = list(examples)[: recipe.eval.num_prompts]
+    if not examples:
+        return {}
+    prompts = [tokenize(ex) for ex in examples]
+    temperature = recipe.eval.temperature if recipe.eval.temperature is not None else recipe.rollout.temperature
+    modes = {"eval": temperature}
+    if recipe.eval.greedy:
+        modes["eval/greedy"] = 0.0
+    labels = [term.label for term in reward_pool.terms]
+    metrics: dict[str, float] = {}
+    for prefix, temp in modes.items():
+        params = [
+            SamplingParams(
+                max_new_tokens=recipe.rollout.max_new_tokens,
+                temperature=temp,
+                top_p=recipe.rollout.top_p if temp > 0 else 1.0,
+                top_k=recipe.rollout.top_k if temp > 0 else -1,
+                seed=recipe.seed * 7919 + i,
+                stop=list(recipe.rollout.stop),
+                stop_token_ids=list(recipe.rollout.stop_token_ids),
+            )
+            for i in range(len(examples))
+        ]
+        outputs = rollout_pool.generate_plain(prompts, params)
+        samples = [
+            Sample(
+                id=f"eval{i}",
+                prompt=ex.prompt,
+                response=decode(out.token_ids),
+                messages=ex.messages,
+                prompt_token_ids=prompt,
+                response_token_ids=list(out.token_ids),
+                answer=ex.answer,
+                fields=dict(ex.fields),
+                finish_reason=out.finish_reason,
+            )
+            for i, (ex, prompt, out) in enumerate(zip(examples, prompts, outputs))
+        ]
+        results = reward_pool.score(samples)
+        found = reward_metrics(results, labels, prefix=prefix)
+        metrics[f"{prefix}/accuracy"] = found[f"{prefix}/accuracy"]
+        metrics[f"{prefix}/reward_mean"] = found[f"{prefix}/total_mean"]
+        metrics[f"{prefix}/response_len_mean"] = sum(len(o.token_ids) for o in outputs) / len(outputs)
+    return metrics

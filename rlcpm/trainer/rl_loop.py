@@ -1,0 +1,311 @@
+"""The GRPO loop with chunk-wise rollout on Ray (MiniCPM4 Algorithm 1; SPECS §1).
+
+One step, top to bottom (`GRPOTrainer.train_step`):
+
+    while the training buffer B holds fewer than N groups:
+        top up the in-flight buffer R with new prompts (G trajectories each)
+        one generation round: every trajectory in R gets <= chunk_tokens new tokens, each token
+            tagged with the policy version that sampled it and its behaviour log-prob
+        groups whose G responses all finished: rewards -> dynamic-sampling filter -> B
+    advantages over the first N groups of B -> learner update (chunk-level importance ratios)
+    stream the new weights to the rollout workers (version + 1); unfinished trajectories carry over
+
+Lifecycle: `GRPOTrainer(recipe, resume)` sets up Ray, data, learner, rollout and reward actors
+(or restores them from the last checkpoint); `fit()` runs the steps; `close()` tears down.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from rlcpm.config import GRPOConfig, Recipe
+from rlcpm.data import load_examples
+from rlcpm.errors import TrainingError
+from rlcpm.learner import RLBatch, compute_advantages
+from rlcpm.learner.checkpoint import checkpoint_path, latest_checkpoint, prune_checkpoints
+from rlcpm.learner.model_source import resolve_model_dir
+from rlcpm.monitor import Monitor, setup_logging
+from rlcpm.trainer import TrainResult
+from rlcpm.trainer.chunk_scheduler import ChunkScheduler, PromptStream
+from rlcpm.trainer.cluster import ensure_ray
+from rlcpm.trainer.evaluation import evaluate
+from rlcpm.trainer.rollout_pool import RolloutPool
+from rlcpm.trainer.scoring import attach_rewards, passes_dynamic_sampling, reward_metrics, to_samples
+from rlcpm.trainer.trajectory import Group
+
+log = logging.getLogger("rlcpm.trainer")
+
+PASS_RATE_EMA = 0.5
+
+
+def train_grpo(recipe: Recipe, resume: bool = False) -> TrainResult:
+    trainer = GRPOTrainer(recipe, resume=resume)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+
+
+class GRPOTrainer:
+    def __init__(self, recipe: Recipe, resume: bool = False):
+        if not isinstance(recipe.algorithm, GRPOConfig):
+            raise TrainingError(f"GRPOTrainer runs algorithm grpo, not {recipe.algorithm.name!r}")
+        setup_logging(recipe.logging.level)
+        self.recipe, self.algo = recipe, recipe.algorithm
+        self.run_dir = Path(recipe.run_dir or "runs/grpo")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+        self.started_ray = ensure_ray(recipe.cluster)
+        self.model_dir = resolve_model_dir(recipe.model, self.run_dir)
+        self._setup_data()
+        self._setup_actors()
+        self.buffer: list[Group] = []  # B: scored groups that passed the filter
+        self.pass_rate = 1.0  # share of finished groups that pass dynamic sampling (EMA)
+        self.step = 0
+        self.eval_before: dict[str, float] = {}
+        wandb_run_id = self._restore() if resume else None
+        self.monitor = Monitor(
+            recipe, self.run_dir, total_steps=recipe.learner.total_steps,
+            wandb_run_id=wandb_run_id, start_step=self.step + 1 if resume else 0,
+        )  # fmt: skip
+        self._sync_weights()
+
+    # ------------------------------------------------------------------------------ setup
+
+    def _setup_data(self) -> None:
+        from transformers import AutoTokenizer
+
+        recipe = self.recipe
+        self.tokenizer = AutoTokenizer.from_pretrained(str(recipe.model.tokenizer or self.model_dir))
+        kwargs = dict(seed=recipe.seed, algorithm="grpo", chat_template=recipe.model.chat_template)
+        self.train_examples = load_examples(recipe.data, "train", self.tokenizer, **kwargs).examples
+        self.eval_examples = (
+            load_examples(recipe.data, "eval", self.tokenizer, **kwargs).examples if recipe.data.eval else []
+        )
+        self.chunks = ChunkScheduler(
+            PromptStream(self.train_examples, recipe.seed, shuffle=recipe.data.shuffle),
+            self.tokenize,
+            n_samples=recipe.rollout.n_samples,
+            max_new_tokens=recipe.rollout.max_new_tokens,
+            chunk_tokens=recipe.rollout.chunk_tokens,
+            seed=recipe.seed,
+        )
+
+    def tokenize(self, example) -> list[int]:
+        add_special = not self.recipe.data.apply_chat_template
+        return self.tokenizer.encode(example.prompt, add_special_tokens=add_special)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def _setup_actors(self) -> None:
+        from rlcpm.learner.group import LearnerGroup
+        from rlcpm.rewards import RewardPool
+
+        recipe = self.recipe
+        self.learner = LearnerGroup(recipe, model_dir=self.model_dir)
+        self.rollout = RolloutPool(recipe, self.model_dir)
+        self.rewards = RewardPool(recipe.rewards, recipe.cluster.reward_workers)
+        self.reward_labels = [term.label for term in self.rewards.terms]
+
+    # ------------------------------------------------------------------------------- loop
+
+    def fit(self) -> TrainResult:
+        total = self.recipe.learner.total_steps
+        if self.step == 0 and self.eval_examples:
+            self.eval_before = self._evaluate()
+            self.monitor.log(0, self.eval_before)
+        while self.step < total:
+            self.step += 1
+            metrics = self.train_step()
+            if self.eval_examples and self.recipe.eval.every_steps and self.step % self.recipe.eval.every_steps == 0:
+                metrics.update(self._evaluate())
+            self.monitor.log(self.step, metrics)
+            ckpt = self.recipe.learner.checkpoint
+            if self.step % ckpt.every_steps == 0 or (self.step == total and ckpt.save_final):
+                self.save_checkpoint()
+        return self._finish()
+
+    def train_step(self) -> dict[str, float]:
+        start = time.perf_counter()
+        groups, metrics = self.collect_groups()
+        if not groups:
+            log.warning("step %d: no group with a learning signal after over-sampling; skipping the update", self.step)
+            return {**metrics, "train/skipped": 1.0, "perf/step_time_s": time.perf_counter() - start}
+        rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)  # [N, G]
+        advantages = compute_advantages(rewards, self.algo.advantage, self.algo.std_eps)  # [N, G]
+        batch = RLBatch.from_groups(groups, advantages)
+        learn_start = time.perf_counter()
+        metrics.update(self.learner.train_step(batch))
+        metrics["perf/learn_time_s"] = time.perf_counter() - learn_start
+        metrics.update(self._sync_weights())
+        metrics.update(_batch_metrics(groups, self.learner.policy_version - 1))
+        metrics["perf/step_time_s"] = time.perf_counter() - start
+        if self.recipe.logging.samples_every and self.step % self.recipe.logging.samples_every == 0:
+            self.monitor.log_samples(self.step, self._sample_rows(groups))
+        return metrics
+
+    def collect_groups(self) -> tuple[list[Group], dict[str, float]]:
+        """Generation rounds until B holds N groups (or over-sampling hits its bound)."""
+        n_groups = self.algo.groups_per_step
+        max_tried = math.ceil(self.algo.max_oversample * n_groups)
+        tried = filtered = rounds = num_tokens = 0
+        sampling_s = reward_s = 0.0
+        results_all = []
+        while len(self.buffer) < n_groups and tried < max_tried:
+            need = n_groups - len(self.buffer)
+            target = math.ceil(need / max(self.pass_rate, 1.0 / self.algo.max_oversample))
+            self.chunks.top_up(max(0, target - self.chunks.num_in_flight_groups))
+            requests = self.chunks.next_requests()
+            group_of = {r.traj_id: r.traj_id.split(".")[0] for r in requests}
+            t0 = time.perf_counter()
+            results = self.rollout.generate(requests, group_of)
+            sampling_s += time.perf_counter() - t0
+            num_tokens += sum(len(r.token_ids) for r in results)
+            finished = self.chunks.absorb(results, self.rollout.version)
+            rounds += 1
+            if not finished:
+                continue
+            t0 = time.perf_counter()
+            samples = [s for g in finished for s in to_samples(g, self.decode)]
+            scored = self.rewards.score(samples)
+            reward_s += time.perf_counter() - t0
+            results_all.extend(scored)
+            for i, group in enumerate(finished):
+                G = len(group.trajectories)
+                attach_rewards(group, scored[i * G : (i + 1) * G], self.algo, self.recipe.rollout)
+                passed = not self.algo.dynamic_sampling or passes_dynamic_sampling(group)
+                tried += 1
+                filtered += not passed
+                self.pass_rate = PASS_RATE_EMA * self.pass_rate + (1 - PASS_RATE_EMA) * float(passed)
+                if passed:
+                    self.buffer.append(group)
+        groups, self.buffer = self.buffer[:n_groups], self.buffer[n_groups:]
+        metrics = {
+            **reward_metrics(results_all, self.reward_labels),
+            "rollout/rounds": rounds,
+            "rollout/groups_finished": tried,
+            "rollout/groups_filtered": filtered,
+            "rollout/in_flight_groups": self.chunks.num_in_flight_groups,
+            "rollout/buffered_groups": len(self.buffer),
+            "rollout/pass_rate": self.pass_rate,
+            "perf/sampling_time_s": sampling_s,
+            "perf/reward_time_s": reward_s,
+            "perf/tokens_per_s": num_tokens / sampling_s if sampling_s > 0 else 0.0,
+            "rollout/generated_tokens": num_tokens,
+        }
+        return groups, metrics
+
+    # ------------------------------------------------------------------- weights, eval, state
+
+    def _sync_weights(self) -> dict[str, float]:
+        version = self.learner.policy_version
+        tensors = [pair for bucket in self.learner.weight_buckets() for pair in bucket]
+        stats = self.rollout.sync_weights(tensors, version)
+        return {"perf/sync_time_s": stats.seconds, "perf/sync_bytes": stats.num_bytes, "train/policy_version": version}
+
+    def _evaluate(self) -> dict[str, float]:
+        return evaluate(self.recipe, self.rollout, self.rewards, self.eval_examples, self.tokenize, self.decode)
+
+    def save_checkpoint(self) -> Path:
+        root = self.run_dir / "checkpoints"
+        extra = {
+            "loop": {
+                "step": self.step,
+                "chunks": self.chunks.state_dict(),
+                "buffer": self.buffer,
+                "pass_rate": self.pass_rate,
+                "eval_before": self.eval_before,
+                "wandb_run_id": self.monitor.wandb_run_id,
+            }
+        }
+        path = self.learner.save_checkpoint(checkpoint_path(root, self.step), extra)
+        prune_checkpoints(root, self.recipe.learner.checkpoint.keep_last)
+        log.info("checkpoint: %s", path)
+        return path
+
+    def _restore(self) -> str | None:
+        path = latest_checkpoint(self.run_dir / "checkpoints")
+        if path is None:
+            log.info("no checkpoint in %s: starting fresh", self.run_dir)
+            return None
+        loop = self.learner.load_checkpoint(path)["loop"]
+        self.step = loop["step"]
+        self.chunks.load_state_dict(loop["chunks"])
+        self.buffer = loop["buffer"]
+        self.pass_rate = loop["pass_rate"]
+        self.eval_before = loop["eval_before"]
+        log.info("resumed from %s at step %d", path, self.step)
+        return loop["wandb_run_id"]
+
+    def _finish(self) -> TrainResult:
+        summary: dict[str, float] = {}
+        if self.eval_examples:
+            after = self._evaluate()
+            self.monitor.log(self.step, after)
+            summary = {
+                "accuracy_before": self.eval_before.get("eval/accuracy"),
+                "accuracy_after": after.get("eval/accuracy"),
+                "greedy_accuracy_before": self.eval_before.get("eval/greedy/accuracy"),
+                "greedy_accuracy_after": after.get("eval/greedy/accuracy"),
+            }
+            summary = {k: v for k, v in summary.items() if v is not None}
+        final = self.learner.export_hf(self.run_dir / "final")
+        self.tokenizer.save_pretrained(str(final))
+        summary["steps"] = self.step
+        self.monitor.summary(summary)
+        return TrainResult(self.run_dir, list(self.monitor.history), final, summary)
+
+    def _sample_rows(self, groups: list[Group]) -> list[dict]:
+        rows = []
+        for group in groups:
+            for traj, reward in zip(group.trajectories, group.rewards or []):
+                rows.append(
+                    {
+                        "prompt": group.example.prompt,
+                        "response": self.decode(traj.response_token_ids),
+                        "reward": reward,
+                        "finish_reason": traj.finish_reason,
+                        "versions": f"{min(traj.versions, default=0)}-{max(traj.versions, default=0)}",
+                    }
+                )
+                if len(rows) >= self.recipe.logging.num_samples_logged:
+                    return rows
+        return rows
+
+    def close(self) -> None:
+        import ray
+
+        for name in ("monitor", "rollout", "rewards", "learner"):
+            part = getattr(self, name, None)
+            if part is not None:
+                try:
+                    part.close()
+                except Exception as err:  # noqa: BLE001 - teardown goes on
+                    log.warning("closing %s: %s", name, err)
+        if getattr(self, "started_ray", False) and ray.is_initialized():
+            ray.shutdown()
+
+
+def _batch_metrics(groups: list[Group], version: int) -> dict[str, float]:
+    """Response lengths, truncation, carry-over and staleness of the trained batch."""
+    trajs = [t for g in groups for t in g.trajectories]
+    lengths = [len(t.response_token_ids) for t in trajs]
+    tokens = [v for t in trajs for v in t.versions]
+    masked = sum(not m for g in groups for m in (g.loss_mask or []))
+    return {
+        "rollout/response_len_mean": sum(lengths) / len(lengths),
+        "rollout/response_len_max": max(lengths),
+        "rollout/truncated_fraction": sum(t.finish_reason == "length" for t in trajs) / len(trajs),
+        "rollout/carried_over_fraction": sum(t.num_chunks > 1 for t in trajs) / len(trajs),
+        "rollout/multi_version_fraction": sum(t.num_versions > 1 for t in trajs) / len(trajs),
+        "rollout/staleness_mean": (sum(version - v for v in tokens) / len(tokens)) if tokens else 0.0,
+        "rollout/loss_masked_fraction": masked / len(trajs),
+        "rollout/num_groups": len(groups),
+    }
+

@@ -1,0 +1,224 @@
+"""RolloutWorker actors seen as one pool: load balancing, weight sync, and restart on failure.
+
+- Load balance by outstanding tokens, not request counts: a group (the G samples of one prompt,
+  kept together for prefix sharing) goes to the worker with the fewest tokens to process, and
+  stays there while the weights are unchanged so its paused KV can be reused.
+- Weight sync streams the learner's named tensors to every worker with a version number; a
+  worker whose version does not match after the update fails loudly.
+- A worker that dies mid-round is replaced, given the current weights, and its share of the
+  round is generated again: requests are seeded, so nothing is lost or changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlcpm.config import Recipe
+from rlcpm.errors import EngineError, WeightSyncError
+from rlcpm.rollout import Request, SamplingParams
+from rlcpm.trainer.chunk_scheduler import ChunkRequest, ChunkResult
+
+log = logging.getLogger("rlcpm.trainer")
+
+MAX_RETRIES = 3
+
+
+@dataclass
+class SyncStats:
+    seconds: float
+    num_bytes: int
+    version: int
+
+
+class RolloutPool:
+    def __init__(self, recipe: Recipe, model_dir: str | Path):
+        import ray
+
+        from rlcpm.rollout import RolloutWorker
+
+        self.recipe = recipe
+        self.model_dir = str(model_dir)
+        self._actor_class = ray.remote(RolloutWorker).options(
+            num_cpus=1, num_gpus=recipe.cluster.gpus_per_rollout_worker, max_restarts=0
+        )
+        self.version = 0
+        self._weights_ref = None  # the last weights pushed, for replacement workers
+        self._affinity: dict[str, int] = {}  # group id -> worker index (same weights, reusable KV)
+        self.num_restarts = 0
+        self.workers = [self._spawn() for _ in range(recipe.rollout.workers)]
+        ray.get([w.health.remote() for w in self.workers])
+
+    def _spawn(self):
+        rollout = self.recipe.rollout
+        return self._actor_class.remote(
+            self.model_dir,
+            dtype=rollout.dtype if rollout.dtype != "auto" else self.recipe.model.dtype,
+            device=self.recipe.model.device,
+            max_num_seqs=rollout.max_batch_seqs,
+            max_num_batched_tokens=rollout.max_batch_tokens,
+            kv_budget_gb=rollout.kv_budget_gb,
+            attention=self.recipe.model.attention,
+            seed=self.recipe.seed,
+        )
+
+    # ------------------------------------------------------------------------------ weights
+
+    def sync_weights(self, named_tensors: list, version: int) -> SyncStats:
+        """Push (name, tensor) pairs to every worker as `version`; verify every worker took it."""
+        import ray
+
+        start = time.perf_counter()
+        ref = ray.put(named_tensors)
+        num_bytes = sum(t.numel() * t.element_size() for _, t in named_tensors)
+        versions = ray.get([w.update_weights.remote(ref, version) for w in self.workers])
+        for index, got in enumerate(versions):
+            if got != version:
+                raise WeightSyncError(f"rollout worker {index} reports weight version {got} after loading {version}")
+        self._weights_ref, self.version = ref, version
+        self._affinity.clear()  # KV of the old weights is gone on every worker
+        return SyncStats(time.perf_counter() - start, num_bytes, version)
+
+    # ----------------------------------------------------------------------------- generate
+
+    def generate(self, requests: Sequence[ChunkRequest], group_of: dict[str, str]) -> list[ChunkResult]:
+        """One round: every request generates up to its chunk budget; results in request order."""
+        import ray
+
+        shares = self._assign(requests, group_of)
+        results: dict[str, ChunkResult] = {}
+        pending = {i: share for i, share in enumerate(shares) if share}
+        for attempt in range(MAX_RETRIES + 1):
+            futures = {i: self.workers[i].generate.remote(*self._call_args(share)) for i, share in pending.items()}
+            failed = {}
+            for index, future in futures.items():
+                try:
+                    outputs = ray.get(future)
+                except ray.exceptions.RayActorError as err:
+                    log.warning("rollout worker %d died (%s); restarting it and re-queuing its requests", index, err)
+                    failed[index] = pending[index]
+                    self._replace(index)
+                    continue
+                for out in outputs:
+                    results[out.request_id] = self._to_result(out)
+            if not failed:
+                break
+            if attempt == MAX_RETRIES:
+                raise EngineError(f"rollout workers kept failing after {MAX_RETRIES} restarts")
+            pending = failed
+        return [results[r.traj_id] for r in requests]
+
+    def _call_args(self, share: list[ChunkRequest]):
+        rollout = self.recipe.rollout
+        reqs = [Request(r.traj_id, r.prompt_token_ids, _params(rollout, r), list(r.output_token_ids)) for r in share]
+        budget = share[0].max_chunk_tokens
+        return reqs, None, budget, self.version
+
+    def _to_result(self, out) -> ChunkResult:
+        if out.finish_reason == "aborted":
+            raise EngineError(f"rollout request {out.request_id} was refused: {out.error}")
+        if out.weight_version != self.version:
+            raise WeightSyncError(
+                f"request {out.request_id} was sampled with weight version {out.weight_version}, "
+                f"expected {self.version}: refusing stale samples"
+            )
+        return ChunkResult(out.request_id, list(out.token_ids), list(out.logprobs), out.finish_reason)
+
+    def _assign(self, requests: Sequence[ChunkRequest], group_of: dict[str, str]) -> list[list[ChunkRequest]]:
+        """Groups to workers: keep affinity; otherwise the least-loaded worker by token estimate."""
+        groups: dict[str, list[ChunkRequest]] = {}
+        for req in requests:
+            groups.setdefault(group_of[req.traj_id], []).append(req)
+        load = [0] * len(self.workers)
+        shares: list[list[ChunkRequest]] = [[] for _ in self.workers]
+        new = []
+        for group_id, reqs in groups.items():
+            index = self._affinity.get(group_id)
+            if index is None:
+                new.append((group_id, reqs))
+                continue
+            shares[index].extend(reqs)
+            load[index] += _token_cost(reqs, cached=True)
+        for group_id, reqs in sorted(new, key=lambda item: -_token_cost(item[1], cached=False)):
+            index = min(range(len(load)), key=load.__getitem__)
+            shares[index].extend(reqs)
+            load[index] += _token_cost(reqs, cached=False)
+            self._affinity[group_id] = index
+        return shares
+
+    def _replace(self, index: int) -> None:
+        import ray
+
+        try:
+            ray.kill(self.workers[index], no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        worker = self._spawn()
+        ray.get(worker.health.remote())
+        if self._weights_ref is not None:
+            got = ray.get(worker.update_weights.remote(self._weights_ref, self.version))
+            if got != self.version:
+                raise WeightSyncError(f"replacement rollout worker {index} could not load version {self.version}")
+        self.workers[index] = worker
+        self._affinity = {g: w for g, w in self._affinity.items() if w != index}
+        self.num_restarts += 1
+
+    # ----------------------------------------------------------------------------- helpers
+
+    def generate_plain(self, prompts: list[list[int]], params: list[SamplingParams]) -> list:
+        """Plain generation (evaluation): prompts spread evenly over the workers, outputs in order."""
+        import ray
+
+        n = len(self.workers)
+        futures = [
+            self.workers[i].generate.remote(prompts[i::n], params[i::n], None, self.version) for i in range(n)
+        ]
+        parts = ray.get(futures)
+        outputs = [None] * len(prompts)
+        for i, part in enumerate(parts):
+            outputs[i::n] = part
+        return outputs
+
+    def stats(self) -> list[dict]:
+        import ray
+
+        return ray.get([w.stats.remote() for w in self.workers])
+
+    def kill_worker(self, index: int) -> None:
+        """Kill a worker (fault-injection in tests and benchmarks); the next round replaces it."""
+        import ray
+
+        ray.kill(self.workers[index], no_restart=True)
+
+    def close(self) -> None:
+        import ray
+
+        for w in self.workers:
+            ray.kill(w, no_restart=True)
+        self.workers = []
+
+
+def _params(rollout, req: ChunkRequest) -> SamplingParams:
+    return SamplingParams(
+        max_new_tokens=req.max_new_tokens,
+        temperature=rollout.temperature,
+        top_p=rollout.top_p,
+        top_k=rollout.top_k,
+        seed=req.seed,
+        stop=list(rollout.stop),
+        stop_token_ids=list(rollout.stop_token_ids),
+    )
+
+
+def _token_cost(reqs: Sequence[ChunkRequest], cached: bool) -> int:
+    """Tokens a worker must process for one group this round: prefill (the shared prompt once,
+    each sample's earlier output) unless its KV is cached, plus the decode budget."""
+    cost = 0 if cached else len(reqs[0].prompt_token_ids)
+    for r in reqs:
+        done = len(r.output_token_ids)
+        cost += min(r.max_chunk_tokens or r.max_new_tokens, r.max_new_tokens - done)
+        cost += 0 if cached else done
+    return cost
