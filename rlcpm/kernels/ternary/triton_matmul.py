@@ -1,0 +1,133 @@
+"""Triton ternary matmul: y = x W^T (+ b) reading W as 2-bit codes + group scales.
+
+Each program computes a [BLOCK_M, BLOCK_N] tile of y. It walks the packed weight in tiles of
+BLOCK_J bytes per output row; one packed tile [BLOCK_J, BLOCK_N] holds the codes of BLOCK_J
+columns in each of the four quarters of K (see rlcpm.kernels.ternary.packing), so per tile:
+
+    for quarter i in 0..3:
+        c   = ((packed >> 2i) & 3) - 1                     codes of columns i*Q + j   [BLOCK_J, BLOCK_N]
+        w   = c * s[n, (i*Q + j) // g]                     dequantized in registers (float32, then x's dtype)
+        acc += x[:, i*Q + j] @ w                           tensor-core dot, float32 accumulation
+
+The weight is read once at 2 bits per value (plus the scales), never written back dense: the
+bandwidth saving a decode step needs. Edges in M, N and K are masked, so any shape works as
+long as K is a multiple of 4 (packing) and of the group size (checked by the wrapper).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _ternary_matmul_kernel(
+    x_ptr,
+    packed_ptr,
+    scale_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    QUARTER,  # K / 4: packed bytes per output row
+    GROUP_SIZE,
+    stride_xm,
+    stride_xk,
+    stride_pn,
+    stride_pj,
+    stride_sn,
+    stride_sg,
+    stride_om,
+    stride_on,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_J: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] output features
+    row_ok = rows < M
+    col_ok = cols < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for j0 in range(0, QUARTER, BLOCK_J):
+        js = j0 + tl.arange(0, BLOCK_J)  # [BJ] byte index within a row
+        j_ok = js < QUARTER
+        w_ok = j_ok[:, None] & col_ok[None, :]
+        packed = tl.load(
+            packed_ptr + js[:, None] * stride_pj + cols[None, :] * stride_pn, mask=w_ok, other=0
+        )  # [BJ, BN] uint8
+        for quarter in tl.static_range(4):
+            ks = quarter * QUARTER + js  # [BJ] input columns held by this bit pair
+            codes = ((packed >> (2 * quarter)) & 3).to(tl.float32) - 1.0
+            scales = tl.load(
+                scale_ptr + (ks // GROUP_SIZE)[:, None] * stride_sg + cols[None, :] * stride_sn,
+                mask=w_ok,
+                other=0.0,
+            ).to(tl.float32)
+            x = tl.load(
+                x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
+                mask=row_ok[:, None] & j_ok[None, :],
+                other=0.0,
+            )  # [BM, BJ]
+            w = (codes * scales).to(x.dtype)  # [BJ, BN], exact: codes are -1, 0, 1
+            acc += tl.dot(x, w)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _launch_config(num_rows: int, num_out: int) -> dict[str, int]:
+    """Tile sizes: small BLOCK_M for decode batches, wider tiles when M is large."""
+    if num_rows <= 16:
+        return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_J": 64, "num_warps": 4}
+    if num_rows <= 64:
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_J": 32, "num_warps": 4}
+    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_J": 32, "num_warps": 8}
+
+
+def ternary_matmul_triton(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    group_size: int,
+    bias: torch.Tensor | None = None,
+    *,
+    config: dict[str, int] | None = None,
+) -> torch.Tensor:
+    """Launch the kernel: x [M, K], packed uint8 [N, K / 4], scales [N, K / g] -> y [M, N].
+
+    Shapes are assumed checked (rlcpm.kernels.ternary.ternary_matmul does it); `config`
+    overrides the tile sizes (BLOCK_M, BLOCK_N, BLOCK_J, num_warps).
+    """
+    num_rows, num_out = x.shape[0], packed.shape[0]
+    out = torch.empty((num_rows, num_out), dtype=x.dtype, device=x.device)
+    launch = dict(config or _launch_config(num_rows, num_out))
+    num_warps = launch.pop("num_warps", 4)
+    grid = (triton.cdiv(num_rows, launch["BLOCK_M"]), triton.cdiv(num_out, launch["BLOCK_N"]))
+    _ternary_matmul_kernel[grid](
+        x,
+        packed,
+        scales,
+        bias if bias is not None else out,  # unused pointer when HAS_BIAS is False
+        out,
+        num_rows,
+        num_out,
+        packed.shape[1],
+        group_size,
+        x.stride(0),
+        x.stride(1),
+        packed.stride(0),
+        packed.stride(1),
+        scales.stride(0),
+        scales.stride(1),
+        out.stride(0),
+        out.stride(1),
+        HAS_BIAS=bias is not None,
+        num_warps=num_warps,
+        **launch,
+    )
+    return out
