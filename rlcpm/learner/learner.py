@@ -47,6 +47,7 @@ from rlcpm.learner.step_stats import StepStats
 from rlcpm.learner.weights import DEFAULT_BUCKET_BYTES, NamedTensors, iter_weight_buckets
 from rlcpm.models import load_model
 from rlcpm.models.checkpoint import checkpoint_files
+from rlcpm.quant import prepare_qat, quantized_named_tensors, save_ternary_model, with_rewarmup
 
 # (micro-batch, logprobs [N], entropy [N]) -> (loss, stats)
 LossFn = Callable[[PackedMicroBatch, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
@@ -70,6 +71,7 @@ class Learner:
             else resolve_model_dir(recipe.model, recipe.run_dir or "runs/default")
         )
         lora = self.config.lora if self.config.lora is not None and self.config.lora.enabled else None
+        self.qat = self.config.qat if self.config.qat is not None and self.config.qat.enabled else None
 
         torch.manual_seed(recipe.seed)  # identical LoRA initialisation on every rank
         # Master weights stay float32 whatever the checkpoint's dtype; bf16 lives in autocast.
@@ -78,6 +80,10 @@ class Learner:
         )
         if recipe.model.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
+        if self.qat is not None:  # BitCPM ternary QAT (rlcpm.quant): decoder linears -> BitLinear
+            if lora is not None:
+                raise TrainingError("learner.qat and learner.lora cannot be combined; unset one of them")
+            prepare_qat(self.policy, self.qat)
         if lora is not None:
             if "lm_head" in lora.targets:
                 raise TrainingError(
@@ -93,7 +99,8 @@ class Learner:
             if self.reference is not None:
                 self.reference.shard(lambda root: shard_model(root, root.policy.model.layers))
         self.optimizer = build_optimizer(self.root, self.config.optimizer, self.config.lr)
-        self.scheduler = build_lr_scheduler(self.optimizer, self.config.schedule, self.config.total_steps)
+        schedule = with_rewarmup(self.config.schedule, self.qat)  # QAT re-warms the learning rate
+        self.scheduler = build_lr_scheduler(self.optimizer, schedule, self.config.total_steps)
         self.step = 0
         self.policy_version = 0
         torch.manual_seed(recipe.seed + 1000 * rank)  # each rank's own stream from here on
@@ -331,7 +338,14 @@ class Learner:
     # ------------------------------------------------------------------------------ weights
 
     def named_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, full tensor), LoRA merged on the fly. A collective under FSDP2: all ranks iterate."""
+        """(HF name, full tensor) as the policy's forward uses them: LoRA merged on the fly, and the
+        ternary W_q under QAT (what engines must sample from). A collective under FSDP2."""
+        if self.qat is not None:
+            return quantized_named_tensors(self.policy, self._latent_weights())
+        return self._latent_weights()
+
+    def _latent_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The trained tensors themselves (high-precision latent weights under QAT): checkpoints, export."""
         return merged_named_tensors(self.policy)
 
     def weight_buckets(
@@ -341,9 +355,11 @@ class Learner:
         return iter_weight_buckets(self.named_weights(), bucket_bytes, dtype)
 
     def export_hf(self, path: str | Path) -> Path:
-        """Write the policy (LoRA merged) as a Hugging Face directory (rank 0 writes)."""
-        tensors = list(self.named_weights())
-        if self.rank == 0:
+        """Write the policy (LoRA merged; packed ternary under QAT) as a Hugging Face directory (rank 0 writes)."""
+        tensors = list(self._latent_weights())
+        if self.rank == 0 and self.qat is not None:
+            save_ternary_model(self.policy, path, named_tensors=tensors)
+        elif self.rank == 0:
             ckpt.save_hf_model(self.policy.config, tensors, path)
         _barrier()
         return Path(path)
@@ -353,7 +369,7 @@ class Learner:
     def save_checkpoint(self, path: str | Path, extra: dict | None = None) -> Path:
         """Write model, optimizer, scheduler, RNG, step and `extra` atomically to `path`."""
         path = Path(path)
-        tensors = list(self.named_weights())
+        tensors = list(self._latent_weights())
         adapter = adapter_state(self.policy) if self.uses_lora else None
         options = StateDictOptions(full_state_dict=True, cpu_offload=True) if is_distributed() else None
         optimizer_state = get_optimizer_state_dict(self.root, self.optimizer, options=options)

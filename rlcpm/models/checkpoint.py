@@ -86,10 +86,16 @@ def load_model(
     """Load a HF directory (llama, qwen2, qwen3, minicpm) into a CausalLM in eval mode.
 
     dtype: None/"auto" keeps the checkpoint's `torch_dtype`. attention: backend name.
+    A config.json with a `quantization_config` (a packed BitCPM ternary export) is loaded by
+    rlcpm.quant.loading: its decoder linears become TernaryLinear layers.
     Raises CheckpointError naming the file and tensor for missing / unexpected / misshapen
     tensors and unreadable files; UnsupportedModelError for an unknown model_type.
     """
     config = read_config(path)
+    if config.extra.get("quantization_config") is not None:  # packed weights: rlcpm.quant knows the format
+        from rlcpm.quant.loading import load_quantized_model
+
+        return load_quantized_model(path, dtype=dtype, device=device, attention=attention)
     config.attention = attention
     dtype = resolve_dtype(dtype, config.torch_dtype)
     config.torch_dtype = dtype
