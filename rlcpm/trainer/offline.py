@@ -1,0 +1,245 @@
+"""Offline training loops: SFT on demonstrations and DPO on preference pairs.
+
+    result = train_offline(recipe)          # algorithm: sft | dpo
+    result.final_model_dir                  # run_dir/final: HF model + tokenizer, ready for the engine
+
+Lifecycle: setup (model, tokenizer, data, learner, resume) -> train (one optimizer update per
+step, metrics to the Monitor, a checkpoint every `learner.checkpoint.every_steps`) -> finish
+(run_dir/final, evaluation, summary). SFT runs `ceil(epochs * N / samples_per_step)` steps (the
+learning-rate schedule spans exactly those); DPO runs `learner.total_steps` steps of
+`pairs_per_step` pairs. With `precompute_ref` DPO scores every pair under the initial policy
+(= pi_ref) before the first update, and keeps those numbers in each checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from rlcpm.config import DPOConfig, Recipe, SFTConfig
+from rlcpm.errors import TrainingError
+from rlcpm.learner.checkpoint import checkpoint_path, latest_checkpoint, prune_checkpoints
+from rlcpm.learner.model_source import resolve_model_dir
+from rlcpm.learner.offline_data import step_indices, tokenize_demonstrations, tokenize_preferences
+from rlcpm.monitor import Monitor, setup_logging
+from rlcpm.trainer import TrainResult
+
+log = logging.getLogger("rlcpm.trainer")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+
+def train_offline(recipe: Recipe, resume: bool = False) -> TrainResult:
+    """Run an SFT or DPO recipe to the end; `resume` continues from run_dir's last checkpoint."""
+    algo = recipe.algorithm
+    if not isinstance(algo, SFTConfig | DPOConfig):
+        raise TrainingError(f"train_offline runs algorithm sft or dpo, not {algo.name!r}")
+    setup_logging(recipe.logging.level)
+    run_dir = Path(recipe.run_dir or f"runs/{algo.name}")
+    model_dir = resolve_model_dir(recipe.model, run_dir)
+    tokenizer = _load_tokenizer(recipe, model_dir)
+    items = _load_items(recipe, tokenizer)
+    batch_size = algo.samples_per_step if isinstance(algo, SFTConfig) else algo.pairs_per_step
+    batch_size = min(batch_size, len(items))
+    num_steps = _num_steps(recipe, len(items), batch_size)
+    recipe = recipe.model_copy(deep=True)
+    recipe.learner.total_steps = num_steps  # the schedule spans the steps this run takes
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+
+    learner, owns_ray = _make_learner(recipe, model_dir)
+    checkpoints = run_dir / "checkpoints"
+    start, extra = 0, {}
+    latest = latest_checkpoint(checkpoints) if resume else None
+    if latest is not None:
+        extra = learner.load_checkpoint(latest)
+        start = extra["next_step"]
+        log.info("resumed from %s at step %d", latest, start)
+    elif resume:
+        log.info("no checkpoint under %s: starting from step 0", checkpoints)
+    if isinstance(algo, DPOConfig) and algo.precompute_ref:
+        _attach_reference_logps(learner, items, extra)
+
+    evaluator = _Evaluator.maybe(recipe, tokenizer, model_dir)
+    summary: dict[str, float] = {}
+    try:
+        with Monitor(
+            recipe, run_dir, total_steps=num_steps, wandb_run_id=extra.get("wandb_run_id"), start_step=start
+        ) as monitor:
+            if evaluator is not None and start == 0:
+                summary.update({f"{k}_before": v for k, v in evaluator.run(learner).items()})
+            for step in range(start, num_steps):
+                batch = [items[i] for i in step_indices(len(items), batch_size, step, recipe.seed)]
+                metrics = learner.sft_step(batch) if isinstance(algo, SFTConfig) else learner.dpo_step(batch)
+                metrics["train/epoch"] = (step + 1) * batch_size / len(items)
+                if (
+                    evaluator is not None
+                    and recipe.eval.every_steps
+                    and (step + 1) % recipe.eval.every_steps == 0
+                ):
+                    metrics.update(evaluator.run(learner))
+                monitor.log(step + 1, metrics)
+                if (step + 1) % recipe.learner.checkpoint.every_steps == 0 or step + 1 == num_steps:
+                    state = {"next_step": step + 1, "wandb_run_id": monitor.wandb_run_id}
+                    if "ref_logps" in extra:
+                        state["ref_logps"] = extra["ref_logps"]
+                    learner.save_checkpoint(checkpoint_path(checkpoints, step + 1), extra=state)
+                    prune_checkpoints(checkpoints, recipe.learner.checkpoint.keep_last)
+            final_dir = (
+                _write_final(learner, tokenizer, model_dir, run_dir)
+                if recipe.learner.checkpoint.save_final
+                else None
+            )
+            if evaluator is not None:
+                summary.update(evaluator.run(learner))
+            summary["train/steps"] = float(num_steps)
+            monitor.summary(summary)
+            history = list(monitor.history)
+    finally:
+        learner.close()
+        if owns_ray:
+            import ray
+
+            ray.shutdown()
+    return TrainResult(run_dir=run_dir, history=history, final_model_dir=final_dir, summary=summary)
+
+
+# ----------------------------------------------------------------------------------- setup
+
+
+def _load_tokenizer(recipe: Recipe, model_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(recipe.model.tokenizer or model_dir))
+
+
+def _load_items(recipe: Recipe, tokenizer) -> list:
+    from rlcpm.data import load_examples
+
+    algo = recipe.algorithm
+    loaded = load_examples(
+        recipe.data,
+        "train",
+        tokenizer,
+        seed=recipe.seed,
+        algorithm=algo.name,
+        chat_template=recipe.model.chat_template,
+    )
+    tokenize = tokenize_demonstrations if isinstance(algo, SFTConfig) else tokenize_preferences
+    items, num_too_long = tokenize(loaded.examples, tokenizer, algo.max_seq_len)
+    if num_too_long:
+        log.warning(
+            "%d rows skipped: the prompt alone exceeds algorithm.max_seq_len=%d",
+            num_too_long,
+            algo.max_seq_len,
+        )
+    if not items:
+        raise TrainingError(
+            f"no training rows in {loaded.source} (skipped: {loaded.num_skipped + num_too_long})"
+        )
+    return items
+
+
+def _num_steps(recipe: Recipe, num_items: int, batch_size: int) -> int:
+    algo = recipe.algorithm
+    if isinstance(algo, SFTConfig):
+        return max(1, math.ceil(algo.epochs * num_items / batch_size))
+    return recipe.learner.total_steps
+
+
+def _make_learner(recipe: Recipe, model_dir: Path):
+    """A Learner in this process, or a LearnerGroup on Ray for learner.data_parallel > 1."""
+    if recipe.learner.data_parallel > 1:
+        from rlcpm.learner.group import LearnerGroup
+        from rlcpm.trainer.cluster import ensure_ray
+
+        owns_ray = ensure_ray(recipe.cluster)
+        return LearnerGroup(recipe, model_dir=model_dir), owns_ray
+    from rlcpm.learner.learner import Learner
+
+    return Learner(recipe, model_dir=model_dir), False
+
+
+def _attach_reference_logps(learner, pairs: Sequence, extra: dict) -> None:
+    """pi_ref sequence log-probs of every pair: from the checkpoint, or from the untrained policy."""
+    if "ref_logps" not in extra:
+        if learner.step != 0:
+            raise TrainingError(
+                "DPO reference log-probs are missing from the checkpoint; restart without --resume"
+            )
+        prompts = [p.prompt_token_ids for p in pairs for _ in (0, 1)]
+        responses = [r for p in pairs for r in (p.chosen_token_ids, p.rejected_token_ids)]
+        extra["ref_logps"] = learner.sequence_logprobs(prompts, responses)
+    ref = extra["ref_logps"]
+    if len(ref) != 2 * len(pairs):
+        raise TrainingError(
+            f"the checkpoint holds reference log-probs for {len(ref) // 2} pairs, the data has {len(pairs)}"
+        )
+    for pair, chosen, rejected in zip(pairs, ref[0::2], ref[1::2]):
+        pair.ref_chosen_logp, pair.ref_rejected_logp = chosen, rejected
+
+
+# ---------------------------------------------------------------------------------- finish
+
+
+def _write_final(learner, tokenizer, model_dir: Path, run_dir: Path) -> Path:
+    """run_dir/final: the trained weights (LoRA merged) with the tokenizer and generation config."""
+    final_dir = run_dir / "final"
+    learner.export_hf(final_dir)
+    tokenizer.save_pretrained(str(final_dir))
+    for name in TOKENIZER_FILES:  # the source's own files win (chat template, eos ids)
+        if (model_dir / name).is_file():
+            shutil.copyfile(model_dir / name, final_dir / name)
+    return final_dir
+
+
+class _Evaluator:
+    """Greedy (or sampled) generation on `data.eval` with rlcpm's engine; accuracy by the math reward."""
+
+    def __init__(self, recipe: Recipe, tokenizer, model_dir: Path, examples: list):
+        from rlcpm.rollout import Engine
+
+        self.recipe, self.tokenizer, self.examples = recipe, tokenizer, examples
+        self.engine = Engine.from_pretrained(str(model_dir), dtype="float32", device="cpu")
+
+    @classmethod
+    def maybe(cls, recipe: Recipe, tokenizer, model_dir: Path) -> _Evaluator | None:
+        if recipe.data.eval is None:
+            return None
+        from rlcpm.data import load_examples
+
+        loaded = load_examples(
+            recipe.data, "eval", tokenizer, seed=recipe.seed, chat_template=recipe.model.chat_template
+        )
+        examples = [e for e in loaded.examples if e.answer is not None][: recipe.eval.num_prompts]
+        return cls(recipe, tokenizer, model_dir, examples) if examples else None
+
+    def run(self, learner) -> dict[str, float]:
+        from rlcpm.rewards import math as math_reward
+        from rlcpm.rollout import SamplingParams
+
+        self.engine.update_weights(learner.named_weights(), version=learner.policy_version)
+        temperature = (
+            0.0
+            if self.recipe.eval.greedy
+            else (self.recipe.eval.temperature or self.recipe.rollout.temperature)
+        )
+        params = SamplingParams(
+            max_new_tokens=self.recipe.rollout.max_new_tokens, temperature=temperature, seed=self.recipe.seed
+        )
+        prompts = [self.tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in self.examples]
+        outputs = self.engine.generate(prompts, params)
+        texts = [self.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outputs]
+        correct = [math_reward.score(text, e.answer) for text, e in zip(texts, self.examples)]
+        return {
+            "eval/accuracy": sum(correct) / len(correct),
+            "eval/response_len_mean": sum(len(o.token_ids) for o in outputs) / len(outputs),
+        }
