@@ -114,6 +114,7 @@ class BlockManager:
                 self.free_block_ids[block_id] = None
         seq.block_table = []
         seq.num_computed_tokens = 0
+        seq.kv_epoch += 1
         self.block_keys.pop(seq.seq_id, None)
 
     def reset_prefix_cache(self) -> None:

@@ -13,10 +13,12 @@ the valid requests of the same call; ``generate`` raises only for a malformed ca
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Iterable
 from collections.abc import Sequence as SequenceABC
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,6 +27,7 @@ from rlcpm.errors import EngineError, RequestError
 from rlcpm.models.kv_cache import PagedKVCache
 from rlcpm.rollout.block_manager import BlockManager
 from rlcpm.rollout.model_runner import ModelRunner
+from rlcpm.rollout.packed_linear import pack_linear_layers
 from rlcpm.rollout.sampling import SamplingBatch, SamplingParams, sample
 from rlcpm.rollout.scheduler import Scheduler
 from rlcpm.rollout.sequence import Request, RequestOutput, Sequence
@@ -59,6 +62,11 @@ class Engine:
         eos_token_ids: token ids that end a request unless ignore_eos (default: the model
             config's eos_token_id, else the tokenizer's).
         seed: draws the seeds of requests that give none.
+        pack_linears: on CPU in float32, run the linear layers on oneDNN-prepacked weights
+            (rlcpm.rollout.packed_linear; one extra copy of the linear weights, faster decode).
+        decode_mirror: on CPU with dense attention, decode over a contiguous copy of the
+            running batch's KV (rlcpm.rollout.decode_attention) instead of gathering the
+            paged cache every step.
     """
 
     def __init__(
@@ -74,6 +82,8 @@ class Engine:
         max_model_len: int | None = None,
         eos_token_ids: Iterable[int] | None = None,
         seed: int = 0,
+        pack_linears: bool = True,
+        decode_mirror: bool = True,
     ):
         config = model.config
         self.model = model.eval()
@@ -103,7 +113,9 @@ class Engine:
         self.scheduler = Scheduler(
             self.block_manager, max_num_seqs, max_num_batched_tokens, self.max_model_len
         )
-        self.runner = ModelRunner(model, self.kv_cache)
+        if pack_linears:
+            pack_linear_layers(model)
+        self.runner = ModelRunner(model, self.kv_cache, decode_mirror)
         self.weights = WeightSync(model)
         self._seed_rng = random.Random(seed)
         self._next_seq_id = 0
@@ -118,15 +130,25 @@ class Engine:
         dtype: str | torch.dtype = "auto",
         device: str | torch.device = "cpu",
         tokenizer_path: str | None = None,
+        attention: str = "dense",
         **engine_kwargs: Any,
     ) -> Engine:
-        """Load a Hugging Face directory (config.json + safetensors + tokenizer) into an engine."""
+        """Load a Hugging Face directory (config.json + safetensors + tokenizer) into an engine.
+
+        EOS ids come from generation_config.json when present (as transformers ``generate``),
+        else from config.json / the tokenizer. ``attention`` names the attention backend.
+        """
         from transformers import AutoTokenizer
 
         from rlcpm.models import load_model
 
-        model = load_model(path, dtype=dtype, device=device)
+        model = load_model(path, dtype=dtype, device=device, attention=attention)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path)
+        generation_config = Path(path) / "generation_config.json"
+        if "eos_token_ids" not in engine_kwargs and generation_config.exists():
+            eos = json.loads(generation_config.read_text()).get("eos_token_id")
+            if eos is not None:
+                engine_kwargs["eos_token_ids"] = [eos] if isinstance(eos, int) else eos
         return cls(model, tokenizer, **engine_kwargs)
 
     @staticmethod
@@ -318,6 +340,8 @@ class Engine:
         """
         self.scheduler.drop_all_kv()
         self.block_manager.reset_prefix_cache()
+        if self.runner.decode_backend is not None:
+            self.runner.decode_backend.invalidate()
         return self.weights.update(named_tensors, version, strict)
 
     def engine_stats(self) -> dict[str, float]:

@@ -7,15 +7,17 @@ import torch
 
 from rlcpm.models.kv_cache import PagedKVCache
 from rlcpm.models.metadata import AttentionMetadata
+from rlcpm.rollout.decode_attention import install_mirrored_decode_attention
 from rlcpm.rollout.scheduler import ScheduledBatch
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, kv_cache: PagedKVCache):
+    def __init__(self, model: torch.nn.Module, kv_cache: PagedKVCache, decode_mirror: bool = True):
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.device = kv_cache.device
+        self.decode_backend = install_mirrored_decode_attention(model) if decode_mirror else None
 
     def prepare(
         self, batch: ScheduledBatch
@@ -58,7 +60,11 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits [N, V] at the last token of the N sequences that sample this step (may be 0)."""
         ids, positions, meta, sample_rows = self.prepare(batch)
+        if self.decode_backend is not None:
+            num_decode = next((i for i, n in enumerate(batch.num_query_tokens) if n != 1), len(batch.seqs))
+            keys = [(seq.seq_id, seq.kv_epoch) for seq in batch.seqs[:num_decode]]
+            self.decode_backend.prepare(self.kv_cache, meta, keys)
         hidden = self.model(ids, positions, meta=meta, kv_cache=self.kv_cache, return_hidden=True)  # [T, H]
         if len(sample_rows) != hidden.shape[0]:
-            hidden = hidden[torch.tensor(sample_rows, device=hidden.device)]
+            hidden = hidden[torch.tensor(sample_rows, dtype=torch.long, device=hidden.device)]
         return self.model.compute_logits(hidden)  # [N, V]

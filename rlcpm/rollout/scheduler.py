@@ -131,7 +131,8 @@ class Scheduler:
             self.running.append(seq)
             self._schedule(seq, num_tokens, seqs, num_query_tokens)
             budget -= num_tokens
-        return ScheduledBatch(seqs, num_query_tokens)
+        order = sorted(range(len(seqs)), key=lambda i: num_query_tokens[i] > 1)  # decodes first
+        return ScheduledBatch([seqs[i] for i in order], [num_query_tokens[i] for i in order])
 
     def _schedule(self, seq: Sequence, num_tokens: int, seqs: list, num_query_tokens: list) -> None:
         self.block_manager.reserve(seq, seq.num_computed_tokens + num_tokens)

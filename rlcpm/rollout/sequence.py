@@ -71,6 +71,7 @@ class Sequence:
         self.new_logprobs: list[float] = []
         self.block_table: list[int] = []
         self.num_computed_tokens = 0  # tokens whose KV is in the cache
+        self.kv_epoch = 0  # bumped whenever the KV is freed: copies keyed by it go stale
         self.num_cached_prompt_tokens = 0  # of those, reused from the prefix cache at admission
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
