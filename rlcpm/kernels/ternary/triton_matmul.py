@@ -16,6 +16,8 @@ long as K is a multiple of 4 (packing) and of the group size (checked by the wra
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -41,6 +43,8 @@ def _ternary_matmul_kernel(
     stride_om,
     stride_on,
     HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,  # interpreter only: dot in float32 (numpy has no bfloat16)
+    DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32), else "tf32" (unused for 16-bit)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_J: tl.constexpr,
@@ -51,7 +55,9 @@ def _ternary_matmul_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN] output features
     row_ok = rows < M
     col_ok = cols < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # tl.full, not tl.zeros: tl.zeros is a @jit helper, which TRITON_INTERPRET=1 cannot call when
+    # triton was imported before the variable was set (as in a test session)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for j0 in range(0, QUARTER, BLOCK_J):
         js = j0 + tl.arange(0, BLOCK_J)  # [BJ] byte index within a row
         j_ok = js < QUARTER
@@ -73,7 +79,10 @@ def _ternary_matmul_kernel(
                 other=0.0,
             )  # [BM, BJ]
             w = (codes * scales).to(x.dtype)  # [BJ, BN], exact: codes are -1, 0, 1
-            acc += tl.dot(x, w)
+            if UPCAST:
+                acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(x, w, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
@@ -127,6 +136,8 @@ def ternary_matmul_triton(
         out.stride(0),
         out.stride(1),
         HAS_BIAS=bias is not None,
+        UPCAST=os.environ.get("TRITON_INTERPRET") == "1" and x.dtype != torch.float32,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
         **launch,
     )
