@@ -1,0 +1,96 @@
+"""Bad requests are refused one by one without harming the rest of the batch; stop strings
+end a request after the token that completes them (the stop string is in the output)."""
+
+from __future__ import annotations
+
+import pytest
+
+from rlcpm.errors import RequestError
+from rlcpm.rollout import Request, SamplingParams
+
+OK = SamplingParams(max_new_tokens=6, temperature=1.0, seed=3, ignore_eos=True)
+
+
+@pytest.mark.parametrize(
+    "request_,match",
+    [
+        (Request("empty", [], OK), "prompt is empty"),
+        (Request("too-long", [1] * 256, OK), "no room in the context of 256"),
+        (Request("zero-new", [1, 2], SamplingParams(max_new_tokens=0)), "max_new_tokens must be > 0"),
+        (
+            Request("bad-stop-id", [1, 2], SamplingParams(stop_token_ids=[512])),
+            r"stop token id 512 .*\[0, 512\)",
+        ),
+        (Request("bad-temperature", [1, 2], SamplingParams(temperature=-1.0)), "temperature"),
+        (Request("bad-top-p", [1, 2], SamplingParams(top_p=0.0)), "top_p"),
+        (Request("bad-token", [1, 9999], OK), r"token ids \[9999\] are outside the vocabulary"),
+        (
+            Request("done-already", [1, 2], SamplingParams(max_new_tokens=2), output_token_ids=[3, 4]),
+            "already has 2",
+        ),
+    ],
+    ids=lambda x: x.request_id if isinstance(x, Request) else "",
+)
+def test_a_bad_request_is_aborted_and_the_others_are_unharmed(request_, match, make_engine, prompts):
+    good = prompts(n=3, seed=9)
+    engine = make_engine("llama", max_num_seqs=4)
+    alone = engine.generate([Request(f"g{i}", p, OK) for i, p in enumerate(good)])
+    mixed = engine.generate(
+        [Request("g0", good[0], OK), request_, Request("g1", good[1], OK), Request("g2", good[2], OK)]
+    )
+    bad = mixed[1]
+    assert bad.finish_reason == "aborted" and bad.token_ids == [] and bad.request_id == request_.request_id
+    assert bad.error is not None
+    with pytest.raises(RequestError, match=match):
+        raise RequestError(bad.error)
+    assert [o.token_ids for o in mixed[:1] + mixed[2:]] == [o.token_ids for o in alone]
+    assert all(o.error is None and o.finish_reason == "length" for o in mixed[:1] + mixed[2:])
+
+
+def test_malformed_calls_raise(make_engine):
+    engine = make_engine("llama")
+    with pytest.raises(RequestError, match="2 SamplingParams for 1 prompts"):
+        engine.generate([[1, 2]], [OK, OK])
+    outs = engine.generate([Request("a", [1, 2], OK), Request("a", [3], OK)])
+    assert outs[0].finish_reason == "length" and "appears twice" in outs[1].error
+    outs = engine.generate([[1, 2]], OK, max_chunk_tokens=0)
+    assert "max_chunk_tokens" in outs[0].error
+
+
+def test_stop_strings_end_the_request_after_the_completing_token(make_engine, prompts):
+    engine = make_engine("llama", max_num_seqs=4)
+    tokenizer = engine.tokenizer
+    batch = prompts(n=4, seed=10)
+    greedy = SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True)
+    free = engine.generate(batch, greedy)
+    stops = []
+    for out in free:  # a stop string made of the text of tokens 5..6 (ends inside the output)
+        text = tokenizer.decode(out.token_ids[5:7])
+        stops.append(text.strip() or text)
+    params = [
+        SamplingParams(max_new_tokens=24, temperature=0, ignore_eos=True, stop=[stop, "never-there"])
+        for stop in stops
+    ]
+    outs = engine.generate(batch, params)
+    for out, whole, stop in zip(outs, free, stops):
+        text = tokenizer.decode(out.token_ids)
+        assert out.finish_reason == "stop" and stop in text
+        assert out.token_ids == whole.token_ids[: len(out.token_ids)]
+        assert stop not in tokenizer.decode(out.token_ids[:-1])  # it stopped at the first occurrence
+    # the stop string is searched in the output only, across chunk boundaries too
+    chunked, done = [], False
+    request_id, prompt, p = "c", batch[0], params[0]
+    while not done:
+        out = engine.generate([Request(request_id, prompt, p, chunked)], max_chunk_tokens=2)[0]
+        chunked += out.token_ids
+        done = out.finish_reason != "chunk"
+    assert chunked == outs[0].token_ids
+
+
+def test_stop_strings_need_a_tokenizer(tiny_dirs):
+    from rlcpm.models import load_model
+    from rlcpm.rollout import Engine
+
+    engine = Engine(load_model(str(tiny_dirs["llama"])), tokenizer=None, kv_budget_bytes=1 << 20)
+    out = engine.generate([[1, 2, 3]], SamplingParams(stop=["x"]))[0]
+    assert out.finish_reason == "aborted" and "tokenizer" in out.error
