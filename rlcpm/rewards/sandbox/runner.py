@@ -1,0 +1,375 @@
+"""Run one untrusted Python program in a disposable sandbox and collect what it did.
+
+The parent side of the sandbox: it starts `launcher.py` (under `unshare` when namespaces are
+available) in a new session with an empty environment, feeds the job and stdin, reads stdout,
+stderr, the harness's reports and the supervisor's status with caps, and kills the whole session
+on the deadline or when an output cap is passed. Safe to call from any thread; many runs may go
+on at once (each has its own pipes, uid and working directory).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import select
+import selectors
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rlcpm.errors import SandboxError
+from rlcpm.rewards.sandbox.isolation import (
+    UNSHARE_FLAGS,
+    Isolation,
+    children_of,
+    count_tasks_of_uid,
+    detect_isolation,
+    kill_uid,
+    new_sandbox_uid,
+)
+
+LAUNCHER = str(Path(__file__).with_name("launcher.py"))
+MAX_REPORT_BYTES = 4 << 20
+DRAIN_S = 1.0  # after the supervisor exits, how long stray pipe holders may keep pipes open
+LEADER_EXIT_S = 5.0
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    """Resource limits of one sandboxed run.
+
+    timeout_s: wall-clock seconds for the program (script mode) or for loading it and for each
+        test unit (test mode); the sandbox's own start-up is not counted (`startup_grace_s`).
+    memory_mb: address space (RLIMIT_AS) of each process.   max_processes: RLIMIT_NPROC.
+    file_size_mb: largest file it may write (RLIMIT_FSIZE).  disk_mb: size of its tmpfs areas.
+    max_output_bytes: cap on stdout and on stderr; passing it kills the run.
+    """
+
+    timeout_s: float = 2.0
+    memory_mb: int = 1024
+    max_processes: int = 32
+    file_size_mb: int = 16
+    disk_mb: int = 64
+    max_output_bytes: int = 1 << 20
+    max_open_files: int = 256
+    startup_grace_s: float = 10.0
+
+    def __post_init__(self):
+        for name in (
+            "timeout_s",
+            "memory_mb",
+            "max_processes",
+            "file_size_mb",
+            "disk_mb",
+            "max_output_bytes",
+        ):
+            if getattr(self, name) <= 0:
+                raise SandboxError(f"sandbox limit {name} must be > 0, got {getattr(self, name)!r}")
+
+
+@dataclass
+class SandboxRun:
+    """What happened in one run. `reports` are the harness's token-checked JSON reports (test mode)."""
+
+    stdout: bytes
+    stderr: bytes
+    exit_code: int | None
+    timed_out: bool
+    output_limit_exceeded: bool
+    tampered: bool
+    wall_s: float
+    isolation: str
+    session_id: int
+    workdir: str
+    uid: int | None = None
+    cpu_s: float | None = None
+    reports: list[dict] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Exited with status 0, in time, within the output caps, without forged reports."""
+        return self.exit_code == 0 and not (self.timed_out or self.output_limit_exceeded or self.tampered)
+
+
+def run_sandboxed(
+    program: str,
+    *,
+    stdin: bytes = b"",
+    units: list[list[dict]] | None = None,
+    limits: SandboxLimits | None = None,
+    isolation: str = "auto",
+) -> SandboxRun:
+    """Run `program` confined. Script mode (units None): as `__main__` with `stdin`.
+    Test mode: load it as a module, then run each unit's steps (see harness.py) and report."""
+    limits = limits or SandboxLimits()
+    iso = detect_isolation(isolation)
+    uid = new_sandbox_uid() if iso.can_drop_uid else None
+    token = secrets.token_hex(16)
+    budget_s = limits.timeout_s if units is None else limits.timeout_s * (len(units) + 1)
+    workdir = tempfile.mkdtemp(prefix="rlcpm-sandbox-")
+    job = {
+        "mode": "script" if units is None else "tests",
+        "program": program,
+        "units": units or [],
+        "token": token,
+        "timeout_s": limits.timeout_s,
+        "budget_s": budget_s,
+        "uid": uid,
+        "nproc_limit": _nproc_limit(iso, uid, limits.max_processes),
+        "namespaces": iso.namespaces,
+        "workdir": workdir,
+        "disk_mb": limits.disk_mb,
+        "hide_dirs": list(iso.hide_dirs),
+        "expose_paths": list(iso.expose_paths),
+        "limits": {
+            "memory_mb": limits.memory_mb,
+            "file_size_mb": limits.file_size_mb,
+            "max_open_files": limits.max_open_files,
+        },
+    }
+    try:
+        return _execute(job, stdin, limits, iso, token)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _nproc_limit(iso: Isolation, uid: int | None, max_processes: int) -> int | None:
+    if uid is not None:
+        return max_processes  # a fresh uid: the budget is the run's alone
+    if iso.is_root:
+        return None  # the kernel does not apply RLIMIT_NPROC to root
+    return count_tasks_of_uid(os.getuid()) + max_processes
+
+
+def _sandbox_env(workdir: str) -> dict[str, str]:
+    """Nothing of the caller's environment: no tokens, keys or paths leak in."""
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": workdir,
+        "TMPDIR": "/tmp",
+        "LANG": "C.UTF-8",
+        "LC_ALL": "C.UTF-8",
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+
+
+def _execute(job: dict, stdin: bytes, limits: SandboxLimits, iso: Isolation, token: str) -> SandboxRun:
+    job_r, job_w = os.pipe()
+    report_r, report_w = os.pipe()
+    status_r, status_w = os.pipe()
+    stdout_r, stdout_w = os.pipe()
+    stderr_r, stderr_w = os.pipe()
+    stdin_r, stdin_w = os.pipe() if stdin else (None, None)
+    argv = [sys.executable, "-I", LAUNCHER, str(job_r), str(report_w), str(status_w)]
+    if iso.namespaces:
+        argv = [iso.unshare, *UNSHARE_FLAGS, *argv]
+    child_ends = [job_r, report_w, status_w, stdout_w, stderr_w] + ([stdin_r] if stdin_r is not None else [])
+    start = time.monotonic()
+    try:
+        proc = subprocess.Popen(
+            argv,
+            stdin=stdin_r if stdin_r is not None else subprocess.DEVNULL,
+            stdout=stdout_w,
+            stderr=stderr_w,
+            pass_fds=(job_r, report_w, status_w),
+            start_new_session=True,
+            env=_sandbox_env(job["workdir"]),
+            cwd="/",
+        )
+    except OSError as err:
+        for fd in child_ends + [job_w, report_r, status_r, stdout_r, stderr_r, stdin_w]:
+            if fd is not None:
+                os.close(fd)
+        raise SandboxError(f"could not start the sandbox ({argv[0]}): {err}") from err
+    for fd in child_ends:
+        os.close(fd)
+    session = _Session(proc, job.get("uid") if not iso.namespaces else None)
+    writes = {job_w: json.dumps(job).encode()}
+    if stdin_w is not None:
+        writes[stdin_w] = stdin
+    caps = {stdout_r: limits.max_output_bytes, stderr_r: limits.max_output_bytes}
+    caps |= {report_r: MAX_REPORT_BYTES, status_r: 1 << 16}
+    deadline = start + job["budget_s"] + limits.startup_grace_s
+    io = _pump(session, writes, caps, status_r, deadline)
+    session.finish()
+    status = _parse_status(io.data[status_r])
+    if "setup_error" in status:
+        raise SandboxError(f"sandbox setup failed ({iso.level} isolation): {status['setup_error']}")
+    reports, tampered = _parse_reports(io.data[report_r], token)
+    return SandboxRun(
+        stdout=bytes(io.data[stdout_r]),
+        stderr=bytes(io.data[stderr_r]),
+        exit_code=status.get("exit_code"),
+        timed_out=bool(status.get("timed_out")) or io.deadline_passed,
+        output_limit_exceeded=io.cap_exceeded,
+        tampered=tampered,
+        wall_s=time.monotonic() - start,
+        isolation=iso.level,
+        session_id=proc.pid,
+        workdir=job["workdir"],
+        uid=job["uid"],
+        cpu_s=status.get("cpu_s"),
+        reports=reports,
+    )
+
+
+class _Session:
+    """The sandbox's session; its leader is the Popen child (`unshare`, or the supervisor itself).
+
+    Killing goes top-down so that every process is reaped by its own parent (this machine's
+    init may not reap orphans): first the leader's children (the supervisor under `unshare`,
+    whose exit ends the PID namespace; or the candidate under the supervisor, which then cleans
+    up and exits), then, once the leader has exited, whatever is left in its process group.
+    """
+
+    def __init__(self, proc: subprocess.Popen, sweep_uid: int | None):
+        self.proc = proc
+        self.sweep_uid = sweep_uid
+
+    def kill(self) -> None:
+        for pid in children_of(self.proc.pid):
+            _kill_quietly(pid)
+        if self.sweep_uid is not None:
+            kill_uid(self.sweep_uid)
+
+    def finish(self) -> None:
+        """Wait for the leader to exit (killing its children if it takes long), sweep, reap."""
+        if not _wait_exit(self.proc.pid, LEADER_EXIT_S):
+            self.kill()
+            _wait_exit(self.proc.pid, LEADER_EXIT_S)
+        try:  # the leader is exited but not reaped: its group id cannot have been reused
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if self.sweep_uid is not None:
+            kill_uid(self.sweep_uid)
+        self.proc.wait()
+
+
+def _wait_exit(pid: int, timeout_s: float) -> bool:
+    """Whether process `pid` (our child) exits within `timeout_s`; it is not reaped."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        ready, _, _ = select.select([pidfd], [], [], timeout_s)
+        return bool(ready)
+    finally:
+        os.close(pidfd)
+
+
+def _kill_quietly(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@dataclass
+class _IOResult:
+    data: dict[int, bytearray]
+    cap_exceeded: bool = False
+    deadline_passed: bool = False
+
+
+def _pump(session: _Session, writes: dict[int, bytes], caps: dict[int, int], status_fd: int, deadline: float):
+    """Write the job/stdin, read every pipe to EOF; kill on deadline or cap; returns what was read."""
+    selector = selectors.DefaultSelector()
+    result = _IOResult({fd: bytearray() for fd in caps})
+    for fd in caps:
+        selector.register(fd, selectors.EVENT_READ)
+    for fd in writes:
+        os.set_blocking(fd, False)
+        selector.register(fd, selectors.EVENT_WRITE)
+
+    def close(fd: int) -> None:
+        selector.unregister(fd)
+        os.close(fd)
+
+    drain_until = None
+    try:
+        while selector.get_map():
+            now = time.monotonic()
+            if now >= (drain_until or deadline):
+                if drain_until is not None:
+                    break
+                result.deadline_passed = True
+                session.kill()
+                drain_until = now + DRAIN_S
+                continue
+            for key, _ in selector.select(timeout=(drain_until or deadline) - now):
+                fd = key.fd
+                if fd in writes:
+                    if _write_some(fd, writes):
+                        close(fd)
+                    continue
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    close(fd)
+                    if fd == status_fd and drain_until is None:
+                        drain_until = time.monotonic() + DRAIN_S  # the supervisor is done
+                    continue
+                buffer = result.data[fd]
+                room = caps[fd] - len(buffer)
+                buffer += chunk[: max(room, 0)]
+                if len(chunk) > room and fd != status_fd and not result.cap_exceeded:
+                    result.cap_exceeded = True
+                    session.kill()
+                    drain_until = time.monotonic() + DRAIN_S
+    finally:
+        for fd in list(selector.get_map()):
+            close(fd)
+        selector.close()
+    return result
+
+
+def _write_some(fd: int, writes: dict[int, bytes]) -> bool:
+    """Write what the pipe takes now; True when all is written or the reader is gone."""
+    try:
+        written = os.write(fd, writes[fd][: 1 << 16])
+    except BlockingIOError:
+        return False
+    except OSError:  # BrokenPipeError: the program exited without reading its stdin
+        return True
+    writes[fd] = writes[fd][written:]
+    return not writes[fd]
+
+
+def _parse_status(raw: bytes) -> dict:
+    try:
+        status = json.loads(raw) if raw else {}
+    except ValueError:
+        return {}
+    return status if isinstance(status, dict) else {}
+
+
+def _parse_reports(raw: bytes, token: str) -> tuple[list[dict], bool]:
+    """Reports with the run's token, each (unit, step) or event at most once; anything else is tampering."""
+    reports, seen, tampered = [], set(), False
+    for line in raw.split(b"\n"):
+        if not line:
+            continue
+        try:
+            report = json.loads(line)
+        except ValueError:
+            tampered = True
+            continue
+        if not isinstance(report, dict) or report.pop("token", None) != token:
+            tampered = True
+            continue
+        key = report.get("event") or (report.get("unit"), report.get("step"))
+        if key in seen:
+            tampered = True
+            continue
+        seen.add(key)
+        reports.append(report)
+    return reports, tampered
