@@ -1,0 +1,75 @@
+"""The final answer of a math response: a configured pattern, else the last `\\boxed{}`, else
+"the answer is ...", else (optionally) the last number in the text."""
+
+from __future__ import annotations
+
+import re
+
+_BOX_COMMANDS = ("\\boxed", "\\fbox")
+_ANSWER_IS = re.compile(r"(?:final\s+answer|answer)\s*(?:is|:|=)\s*:?\s*(.+)", re.IGNORECASE)
+_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
+_CHOICE = re.compile(r"^\(?([A-J])\)?(?:[.:)]|\s|$)")
+_TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\{([^{}]*)\}")
+
+
+def extract_answer(
+    response: str, pattern: str | None = None, fallback_last_number: bool = True
+) -> str | None:
+    """The answer text, or None when the response states none (or its last box is cut off).
+
+    pattern: a regex; its last match wins (group 1 if it has groups, else the whole match), and
+    nothing else is tried.
+    """
+    if pattern is not None:
+        matches = list(re.finditer(pattern, response))
+        if not matches:
+            return None
+        last = matches[-1]
+        return _clean(last.group(1) if last.re.groups else last.group(0))
+    boxed = last_boxed(response)
+    if boxed is not None:
+        return _clean(boxed)
+    if any(command in response for command in _BOX_COMMANDS):
+        return None  # the box was cut off (length limit): no stated answer
+    stated = list(_ANSWER_IS.finditer(response))
+    if stated:
+        return _clean(stated[-1].group(1).splitlines()[0])
+    if fallback_last_number:
+        numbers = _NUMBER.findall(response)
+        return numbers[-1] if numbers else None
+    return None
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` / `\\fbox{...}` (balanced braces), or of `\\boxed 5`."""
+    start, command = max((text.rfind(command), command) for command in _BOX_COMMANDS)
+    if start < 0:
+        return None
+    rest = text[start + len(command) :]
+    if rest.startswith(" "):
+        token = rest.strip().split()
+        return token[0].rstrip("$.") if token else None
+    if not rest.startswith("{"):
+        return None
+    depth = 0
+    for i, char in enumerate(rest):
+        depth += char == "{"
+        depth -= char == "}"
+        if depth == 0:
+            return rest[1:i]
+    return None  # unbalanced: the response was cut inside the box
+
+
+def choice_letter(text: str) -> str | None:
+    """`B`, `(B)`, `B.`, `\\text{(B)}`, `(B) 42` -> "B"; None if the text is not a choice A-J."""
+    text = _TEXT_WRAPPER.sub(r"\1", text.strip().strip("$").strip())
+    match = _CHOICE.match(text.strip())
+    return match.group(1) if match else None
+
+
+def _clean(answer: str) -> str:
+    answer = answer.strip().rstrip(".").strip()
+    for opening, closing in (("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
+        if answer.startswith(opening) and answer.endswith(closing) and len(answer) > len(opening + closing):
+            answer = answer[len(opening) : -len(closing)].strip()
+    return answer.rstrip(".").strip()
