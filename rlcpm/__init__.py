@@ -6,7 +6,8 @@ rlcpm.models, rlcpm.rollout, rlcpm.rewards, rlcpm.learner, rlcpm.kernels, rlcpm.
 
 from rlcpm.config import Recipe, load_recipe
 from rlcpm.errors import RlcpmError
+from rlcpm.rewards import Sample, reward
 
 __version__ = "0.1.0"
 
-__all__ = ["Recipe", "RlcpmError", "__version__", "load_recipe"]
+__all__ = ["Recipe", "RlcpmError", "Sample", "__version__", "load_recipe", "reward"]
