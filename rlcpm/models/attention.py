@@ -18,6 +18,7 @@ over the cached keys of each sequence (see rlcpm.models.metadata for the visibil
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
@@ -55,6 +56,8 @@ class AttentionBackend(ABC):
 
 
 _BACKENDS: dict[str, type[AttentionBackend]] = {}
+# Built-in backends whose module is imported on first use (keeps rlcpm.kernels out of plain imports).
+_BUILTIN_MODULES = {"sparse": "rlcpm.models.sparse_attention"}
 
 
 def register_attention_backend(name: str, backend: type[AttentionBackend]) -> type[AttentionBackend]:
@@ -64,9 +67,11 @@ def register_attention_backend(name: str, backend: type[AttentionBackend]) -> ty
 
 
 def get_attention_backend(name: str) -> type[AttentionBackend]:
+    if name not in _BACKENDS and name in _BUILTIN_MODULES:
+        importlib.import_module(_BUILTIN_MODULES[name])  # registers itself
     if name not in _BACKENDS:
         raise UnsupportedModelError(
-            f"attention backend {name!r} is not registered; available: {sorted(_BACKENDS)}. "
+            f"attention backend {name!r} is not registered; available: {available_attention_backends()}. "
             "A backend module registers itself with "
             "rlcpm.models.attention.register_attention_backend(name, cls) when imported."
         )
@@ -74,7 +79,7 @@ def get_attention_backend(name: str) -> type[AttentionBackend]:
 
 
 def available_attention_backends() -> list[str]:
-    return sorted(_BACKENDS)
+    return sorted(set(_BACKENDS) | set(_BUILTIN_MODULES))
 
 
 class Attention(nn.Module):

@@ -82,10 +82,13 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str = "cpu",
     attention: str = "dense",
+    sparse_config: dict | None = None,
 ) -> CausalLM:
     """Load a HF directory (llama, qwen2, qwen3, minicpm) into a CausalLM in eval mode.
 
     dtype: None/"auto" keeps the checkpoint's `torch_dtype`. attention: backend name.
+    sparse_config: InfLLM v2 settings replacing the checkpoint's `sparse_config` (recipe's
+    `model.sparse_attention`); used by attention="sparse".
     A config.json with a `quantization_config` (a packed BitCPM ternary export) is loaded by
     rlcpm.quant.loading: its decoder linears become TernaryLinear layers.
     Raises CheckpointError naming the file and tensor for missing / unexpected / misshapen

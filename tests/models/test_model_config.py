@@ -89,9 +89,9 @@ def test_missing_required_key_is_named():
 
 def test_unknown_attention_backend_lists_available():
     with pytest.raises(
-        UnsupportedModelError, match=r"'sparse' is not registered; available: \['dense', 'reference'"
+        UnsupportedModelError, match=r"'flash' is not registered; available: \['dense', 'reference', 'sparse'\]"
     ):
-        get_attention_backend("sparse")
+        get_attention_backend("flash")
 
 
 def test_paged_metadata_needs_all_three_fields():

@@ -1,0 +1,72 @@
+"""Stage 2 of InfLLM v2 (SPECS §2.5): attention over the selected key blocks only.
+
+Query token t (sequence q_seq[t], position q_pos[t]) and the query heads of KV head h attend
+the keys of the blocks block_idx[t, h, :] (block b holds positions b*B .. b*B + B - 1; -1 =
+no block), with the usual causal mask inside the query's own block:
+
+    out[t, g] = softmax_{key n in selected blocks, pos(n) <= q_pos[t]} (q[t, g] . k[n] * scale) v[n]
+
+Keys and values are [R, Hkv, D], addressed through a KeyLayout (packed training keys or the
+engine's paged cache). Every query's own block is always selected (it is forced in stage 1),
+so every row has at least one key.
+
+The reference gathers only the selected blocks (Tq x Hkv x K*B keys, in query chunks) and is
+differentiable through autograd; the Triton kernel (block_sparse_attn_triton) is a
+flash-attention style forward with its own backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rlcpm.kernels.infllm_v2.layout import KeyLayout
+
+_CHUNK_ELEMENTS = 1 << 24  # bound on the gathered [chunk, Hkv, K*B, D] keys of the reference
+
+
+def selected_key_positions(
+    block_idx: torch.Tensor, q_pos: torch.Tensor, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions [Tq, Hkv, K*B] int64 (0 where invalid), valid [Tq, Hkv, K*B] bool)."""
+    offsets = torch.arange(block_size, device=block_idx.device)
+    pos = block_idx.long()[..., None] * block_size + offsets  # [Tq, Hkv, K, B]
+    valid = (block_idx[..., None] >= 0) & (pos <= q_pos[:, None, None, None])
+    pos = torch.where(valid, pos, 0)
+    return pos.flatten(2), valid.flatten(2)
+
+
+def block_sparse_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: KeyLayout,
+    q_seq: torch.Tensor,
+    q_pos: torch.Tensor,
+    block_idx: torch.Tensor,
+    block_size: int,
+    scale: float,
+) -> torch.Tensor:
+    """q [Tq, Hq, D], k/v [R, Hkv, D], block_idx [Tq, Hkv, K] int -> out [Tq, Hq, D] (q.dtype).
+
+    Softmax in float32; only the selected blocks are gathered.
+    """
+    num_q, num_heads, head_dim = q.shape
+    num_kv = k.shape[1]
+    group = num_heads // num_kv
+    width = block_idx.shape[-1] * block_size
+    chunk = max(1, _CHUNK_ELEMENTS // max(1, num_kv * width * head_dim))
+    heads = torch.arange(num_kv, device=q.device)[None, :, None]
+    outs = []
+    for start in range(0, num_q, chunk):
+        part = slice(start, start + chunk)
+        pos, valid = selected_key_positions(block_idx[part], q_pos[part], block_size)
+        rows = layout.rows(q_seq[part, None, None], pos)  # [c, Hkv, N]
+        keys, values = k[rows, heads].float(), v[rows, heads].float()  # [c, Hkv, N, D]
+        q4 = q[part].float().view(-1, num_kv, group, head_dim)
+        scores = torch.einsum("chgd,chnd->chgn", q4, keys) * scale
+        probs = torch.softmax(scores.masked_fill(~valid[:, :, None], float("-inf")), dim=-1)
+        out = torch.einsum("chgn,chnd->chgd", probs, values)
+        outs.append(out.reshape(-1, num_heads, head_dim).to(q.dtype))
+    if not outs:
+        return q.new_empty(q.shape)
+    return torch.cat(outs)

@@ -1,0 +1,166 @@
+"""The `sparse` attention backend: InfLLM v2 trainable sparse attention (SPECS §2).
+
+Same parameters as dense attention (no extra weights); per query token and KV group it
+attends only the top-k 64-token blocks chosen by stage 1 (rlcpm.kernels.infllm_v2). Settings
+come from the checkpoint's `sparse_config` (MiniCPM4) or, when that is absent, MiniCPM4's
+defaults; a recipe's `model.sparse_attention` overrides them (`load_model(..., sparse_config=)`).
+
+The dense_len switch is applied per query: a query at position i sees i + 1 keys and attends
+densely iff i + 1 < dense_len. Decoding at position i therefore does exactly what the learner's
+packed forward does for token i (the reference code switches per sequence on the prefill
+length, so its prefill and its decode can disagree for tokens before dense_len; here they
+cannot). A batch with no sparse query is handed to the dense backend unchanged.
+
+- Packed training (no cache): Kc1/Kc2 by batch compression of the detached keys, selection,
+  then stage 2 with gradients to q, k, v.
+- Paged cache (engine): new K/V are written first, then the compressed keys of the windows
+  they complete (rlcpm.kernels.infllm_v2.PagedCompressedKeys, kept beside the KV cache and
+  owned by this backend), then selection and stage 2 over the cache; one new token per
+  sequence takes the split-KV decode kernel.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from rlcpm.errors import EngineError
+from rlcpm.kernels.infllm_v2 import (
+    InfLLMv2Config,
+    KeyLayout,
+    PagedCompressedKeys,
+    block_sparse_attention,
+    compress_keys,
+    mean_pool_windows,
+    select_blocks,
+    sparse_decode_attention,
+)
+from rlcpm.models.attention import AttentionBackend, register_attention_backend
+from rlcpm.models.dense_attention import DenseAttention
+from rlcpm.models.kv_cache import PagedKVCache
+from rlcpm.models.metadata import AttentionMetadata
+
+
+class SparseAttention(AttentionBackend):
+    """InfLLM v2 attention; see the module docstring."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.sparse = InfLLMv2Config.from_dict(config.sparse_config)
+        self.dense = DenseAttention(config)
+        # Compressed keys (Kc1, Kc2) of every engine KV cache this backend has attended over.
+        self._compressed: weakref.WeakKeyDictionary[PagedKVCache, tuple[PagedCompressedKeys, ...]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    # ------------------------------------------------------------------------------ forward
+
+    def forward(self, q, k, v, meta, layer_idx, kv_cache=None):
+        # Cached per forward (layer-invariant), keyed by the settings it depends on.
+        plan = meta.cached(f"infllm_v2_queries:{self.sparse.dense_len}", lambda: self._query_plan(meta))
+        if plan["sparse_rows"] is not None and plan["sparse_rows"].numel() == 0:
+            return self.dense.forward(q, k, v, meta, layer_idx, kv_cache)  # no query reaches dense_len
+        if kv_cache is None:
+            out_sparse = self._packed(q, k, v, meta, plan)
+        else:
+            out_sparse = self._paged(q, k, v, meta, layer_idx, kv_cache, plan)
+        if plan["sparse_rows"] is None:  # every query is sparse
+            return out_sparse
+        dense_rows, dense_meta = plan["dense_rows"], plan["dense_meta"]
+        out_dense = self.dense.forward(
+            q[dense_rows], k[dense_rows], v[dense_rows], dense_meta, layer_idx, kv_cache
+        )
+        out = torch.zeros_like(q).index_copy(0, plan["sparse_rows"], out_sparse)
+        return out.index_copy(0, dense_rows, out_dense)
+
+    def _packed(self, q, k, v, meta, plan):
+        cfg = self.sparse
+        cu = meta.cu_seqlens_q
+        kc1, cu1 = compress_keys(k, cu, cfg.kernel_size, cfg.kernel_stride)
+        kc2, cu2 = compress_keys(k, cu, cfg.coarse_kernel_size, cfg.coarse_kernel_stride)
+        return self._attend(q, k, v, KeyLayout.packed(cu), (kc1, cu1, kc2, cu2), plan, is_decode=False)
+
+    def _paged(self, q, k, v, meta, layer_idx, kv_cache, plan):
+        if kv_cache.dtype != q.dtype:
+            raise EngineError(
+                f"sparse attention needs the KV cache in the model dtype: cache {kv_cache.dtype}, queries {q.dtype}"
+            )
+        kv_cache.write(layer_idx, k, v, meta.slot_mapping)
+        keys, values = kv_cache.flat(layer_idx)
+        tiers = self._tiers(kv_cache)
+        cfg = self.sparse
+        steps = meta.cached(
+            f"infllm_v2_compression:{cfg.kernel_size}:{cfg.kernel_stride}:{kv_cache.block_size}",
+            lambda: [t.plan(meta.block_tables, meta.context_lens, meta.seq_lens_q) for t in tiers],
+        )
+        for tier, step in zip(tiers, steps):
+            tier.update(layer_idx, keys, step, mean_pool_windows)
+        (kc1, cu1), (kc2, cu2) = (tier.gather(layer_idx, step) for tier, step in zip(tiers, steps))
+        layout = KeyLayout.paged(meta.block_tables, kv_cache.block_size)
+        is_decode = meta.is_decode and plan["sparse_rows"] is None
+        return self._attend(q, keys, values, layout, (kc1, cu1, kc2, cu2), plan, is_decode)
+
+    def _attend(self, q, keys, values, layout, compressed, plan, is_decode: bool):
+        """Selection + stage 2 for the sparse query rows (all rows when sparse_rows is None)."""
+        rows = plan["sparse_rows"]
+        q_sparse = q if rows is None else q[rows]
+        q_seq, q_pos = plan["sparse_seq"], plan["sparse_pos"]
+        block_idx = select_blocks(q_sparse, q_seq, q_pos, *compressed, self.sparse, self.scale)
+        block = self.sparse.block_size
+        if is_decode:
+            return sparse_decode_attention(
+                q_sparse, keys, values, layout, q_pos, block_idx, block, self.scale
+            )
+        return block_sparse_attention(
+            q_sparse, keys, values, layout, q_seq, q_pos, block_idx, block, self.scale
+        )
+
+    # ------------------------------------------------------------------------- bookkeeping
+
+    def _tiers(self, kv_cache: PagedKVCache) -> tuple[PagedCompressedKeys, PagedCompressedKeys]:
+        if kv_cache not in self._compressed:
+            cfg = self.sparse
+            self._compressed[kv_cache] = (
+                PagedCompressedKeys(kv_cache, cfg.kernel_size, cfg.kernel_stride),
+                PagedCompressedKeys(kv_cache, cfg.coarse_kernel_size, cfg.coarse_kernel_stride),
+            )
+        return self._compressed[kv_cache]
+
+    def _query_plan(self, meta: AttentionMetadata) -> dict:
+        """Layer-invariant split of the batch's queries into sparse and dense rows."""
+        q_seq = meta.seq_ids()
+        offsets = meta.offsets_in_seq()
+        if meta.has_cache:
+            q_pos = (meta.context_lens.long() - meta.seq_lens_q)[q_seq] + offsets
+        else:
+            q_pos = offsets
+        is_dense = q_pos + 1 < self.sparse.dense_len
+        plan = {"sparse_rows": None, "sparse_seq": q_seq, "sparse_pos": q_pos}
+        if not bool(is_dense.any()):
+            return plan
+        sparse_rows = (~is_dense).nonzero().squeeze(1)
+        plan.update(sparse_rows=sparse_rows, sparse_seq=q_seq[sparse_rows], sparse_pos=q_pos[sparse_rows])
+        if sparse_rows.numel() == 0:
+            return plan
+        # A sequence's dense queries are its first new tokens: a smaller batch for the dense backend.
+        dense_rows = is_dense.nonzero().squeeze(1)
+        counts = torch.bincount(q_seq[dense_rows], minlength=meta.num_seqs)
+        keep = counts > 0
+        cu = torch.zeros(int(keep.sum()) + 1, dtype=torch.int32, device=q_pos.device)
+        cu[1:] = torch.cumsum(counts[keep], 0)
+        if meta.has_cache:
+            context = (meta.context_lens.long() - meta.seq_lens_q + counts)[keep]
+            dense_meta = AttentionMetadata(
+                cu_seqlens_q=cu,
+                context_lens=context.to(torch.int32),
+                slot_mapping=torch.full((dense_rows.numel(),), -1, dtype=torch.int64, device=q_pos.device),
+                block_tables=meta.block_tables[keep],
+            )
+        else:
+            dense_meta = AttentionMetadata(cu_seqlens_q=cu)
+        plan.update(dense_rows=dense_rows, dense_meta=dense_meta)
+        return plan
+
+
+register_attention_backend("sparse", SparseAttention)
