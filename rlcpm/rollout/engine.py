@@ -131,18 +131,20 @@ class Engine:
         device: str | torch.device = "cpu",
         tokenizer_path: str | None = None,
         attention: str = "dense",
+        sparse_config: dict | None = None,
         **engine_kwargs: Any,
     ) -> Engine:
         """Load a Hugging Face directory (config.json + safetensors + tokenizer) into an engine.
 
         EOS ids come from generation_config.json when present (as transformers ``generate``),
-        else from config.json / the tokenizer. ``attention`` names the attention backend.
+        else from config.json / the tokenizer. ``attention`` names the attention backend;
+        ``sparse_config`` replaces the checkpoint's InfLLM v2 settings (attention="sparse").
         """
         from transformers import AutoTokenizer
 
         from rlcpm.models import load_model
 
-        model = load_model(path, dtype=dtype, device=device, attention=attention)
+        model = load_model(path, dtype=dtype, device=device, attention=attention, sparse_config=sparse_config)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path)
         generation_config = Path(path) / "generation_config.json"
         if "eos_token_ids" not in engine_kwargs and generation_config.exists():
