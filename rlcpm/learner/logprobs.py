@@ -39,7 +39,7 @@ class ChunkedTargetLogprobs(torch.autograd.Function):
             rows = slice(start, start + chunk_tokens)
             log_dist = _log_distribution(hidden[rows], weight, temperature, top_k, top_p)  # [C, V]
             logprobs[rows] = log_dist.gather(1, targets[rows, None]).squeeze(1)
-            entropy[rows] = _entropy(log_dist)
+            entropy[rows] = _entropy(log_dist, _is_filtered(temperature, top_k, top_p, weight.shape[0]))
             del log_dist
         ctx.set_materialize_grads(False)  # an unused output (often entropy) arrives as None
         ctx.save_for_backward(hidden, weight, targets, entropy)
@@ -52,14 +52,19 @@ class ChunkedTargetLogprobs(torch.autograd.Function):
         hidden, weight, targets, entropy = ctx.saved_tensors
         temperature, top_k, top_p = ctx.sampling
         scale = 1.0 / temperature if temperature > 0 else 1.0
+        is_filtered = _is_filtered(temperature, top_k, top_p, weight.shape[0])
         grad_hidden = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for start in range(0, hidden.shape[0], ctx.chunk_tokens):
             rows = slice(start, start + ctx.chunk_tokens)
             log_dist = _log_distribution(hidden[rows], weight, temperature, top_k, top_p)  # [C, V]
-            grad_z = _grad_logits(log_dist, targets[rows], entropy[rows], grad_logprobs, grad_entropy, rows)
+            grad_z = _grad_logits(
+                log_dist, targets[rows], entropy[rows], grad_logprobs, grad_entropy, rows, is_filtered
+            )
             del log_dist
-            grad_z = grad_z.mul_(scale).to(weight.dtype)  # d / d(h W^T)  [C, V]
+            if scale != 1.0:
+                grad_z.mul_(scale)
+            grad_z = grad_z.to(weight.dtype)  # d / d(h W^T)  [C, V]
             if grad_hidden is not None:
                 grad_hidden[rows] = grad_z @ weight
             grad_weight.addmm_(grad_z.t().float(), hidden[rows].float())
@@ -68,19 +73,25 @@ class ChunkedTargetLogprobs(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
-def _grad_logits(log_dist, targets, entropy, grad_logprobs, grad_entropy, rows) -> torch.Tensor:
-    """g (onehot(y) - p) - e p (log p + H) for one chunk: [C, V] float32 (module docstring)."""
+def _grad_logits(log_dist, targets, entropy, grad_logprobs, grad_entropy, rows, is_filtered) -> torch.Tensor:
+    """g (onehot(y) - p) - e p (log p + H) for one chunk: [C, V] float32 (module docstring).
+
+    Consumes `log_dist`: its storage becomes the gradient (two [C, V] buffers in all).
+    """
     probs = log_dist.exp()  # [C, V], 0 outside the kept set
-    if grad_entropy is not None:
-        finite_log = torch.where(probs > 0, log_dist, 0.0)
-        finite_log.add_(entropy[:, None]).mul_(probs).mul_(-grad_entropy[rows, None].float())
-        grad_z = finite_log  # [C, V]
-    else:
-        grad_z = torch.zeros_like(probs)
+    g = None
     if grad_logprobs is not None:
         # A target filtered out of the sampling distribution (log-prob -inf) gets no gradient.
         is_kept = torch.isfinite(log_dist.gather(1, targets[:, None]).squeeze(1))
         g = torch.where(is_kept, grad_logprobs[rows].float(), 0.0)  # [C]
+    if grad_entropy is not None:
+        grad_z = log_dist.add_(entropy[:, None]).mul_(probs)  # p (log p + H)
+        if is_filtered:
+            grad_z.nan_to_num_(nan=0.0)  # 0 * -inf outside the kept set
+        grad_z.mul_(-grad_entropy[rows, None].float())
+    else:
+        grad_z = log_dist.zero_()
+    if g is not None:
         grad_z.addcmul_(probs, g[:, None], value=-1.0)
         grad_z.scatter_add_(1, targets[:, None], g[:, None])
     return grad_z
@@ -94,10 +105,17 @@ def _log_distribution(hidden, weight, temperature, top_k, top_p) -> torch.Tensor
     return sampling_log_distribution(logits, temperature, top_k, top_p)
 
 
-def _entropy(log_dist: torch.Tensor) -> torch.Tensor:
+def _entropy(log_dist: torch.Tensor, is_filtered: bool) -> torch.Tensor:
     """-sum p log p over the kept entries (filtered entries have p = 0 and log p = -inf)."""
-    finite = torch.isfinite(log_dist)
-    return -(log_dist.exp() * torch.where(finite, log_dist, 0.0)).sum(dim=-1)
+    p_log_p = log_dist.exp().mul_(log_dist)  # [C, V]
+    if is_filtered:
+        p_log_p.nan_to_num_(nan=0.0)  # 0 * -inf outside the kept set
+    return -p_log_p.sum(dim=-1)
+
+
+def _is_filtered(temperature: float, top_k: int, top_p: float, vocab_size: int) -> bool:
+    """Whether top-k / top-p can put -inf into the distribution (never for greedy's convention)."""
+    return temperature > 0 and (0 < top_k < vocab_size or top_p < 1.0)
 
 
 def target_logprobs(
