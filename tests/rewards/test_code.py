@@ -92,6 +92,8 @@ def test_values_are_compared_outside_the_sandbox():
     )
     assert code.score(always_equal, "assert add(1, 2) == 3") == 0.0
     assert code.score(always_equal, {"fn_name": "add", "inputs": [[1, 2]], "outputs": [3]}) == 0.0
+    lying_repr = "```python\nclass Three(str):\n    def __repr__(self):\n        return '3'\ndef add(a, b):\n    return Three()\n```"
+    assert code.score(lying_repr, "assert add(1, 2) == 3") == 0.0
 
 
 def test_literal_assert_semantics_follow_python():

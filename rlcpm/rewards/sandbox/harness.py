@@ -68,10 +68,8 @@ def to_literal(value, depth: int = 0):
     """`value` as builtin literal types (numpy scalars/arrays via .item()/.tolist()); TypeError otherwise."""
     if depth > 50:
         raise TypeError("value nested too deeply")
-    if value is None or isinstance(value, (bool, str, bytes)):
-        return value
-    if type(value) in (int, float, complex):
-        return value
+    if value is None or type(value) in (bool, str, bytes, int, float, complex):
+        return value  # exact types only: a subclass could override __repr__
     if isinstance(value, (list, tuple, set, frozenset)):
         items = [to_literal(v, depth + 1) for v in value]
         if isinstance(value, list):

@@ -12,10 +12,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import select
-import selectors
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -27,17 +24,14 @@ from rlcpm.errors import SandboxError
 from rlcpm.rewards.sandbox.isolation import (
     UNSHARE_FLAGS,
     Isolation,
-    children_of,
     count_tasks_of_uid,
     detect_isolation,
-    kill_uid,
     new_sandbox_uid,
 )
+from rlcpm.rewards.sandbox.session import Session, pump_pipes
 
 LAUNCHER = str(Path(__file__).with_name("launcher.py"))
 MAX_REPORT_BYTES = 4 << 20
-DRAIN_S = 1.0  # after the supervisor exits, how long stray pipe holders may keep pipes open
-LEADER_EXIT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -191,14 +185,14 @@ def _execute(job: dict, stdin: bytes, limits: SandboxLimits, iso: Isolation, tok
         raise SandboxError(f"could not start the sandbox ({argv[0]}): {err}") from err
     for fd in child_ends:
         os.close(fd)
-    session = _Session(proc, job.get("uid") if not iso.namespaces else None)
+    session = Session(proc, job.get("uid") if not iso.namespaces else None)
     writes = {job_w: json.dumps(job).encode()}
     if stdin_w is not None:
         writes[stdin_w] = stdin
     caps = {stdout_r: limits.max_output_bytes, stderr_r: limits.max_output_bytes}
     caps |= {report_r: MAX_REPORT_BYTES, status_r: 1 << 16}
     deadline = start + job["budget_s"] + limits.startup_grace_s
-    io = _pump(session, writes, caps, status_r, deadline)
+    io = pump_pipes(session, writes, caps, status_r, deadline)
     session.finish()
     status = _parse_status(io.data[status_r])
     if "setup_error" in status:
@@ -219,129 +213,6 @@ def _execute(job: dict, stdin: bytes, limits: SandboxLimits, iso: Isolation, tok
         cpu_s=status.get("cpu_s"),
         reports=reports,
     )
-
-
-class _Session:
-    """The sandbox's session; its leader is the Popen child (`unshare`, or the supervisor itself).
-
-    Killing goes top-down so that every process is reaped by its own parent (this machine's
-    init may not reap orphans): first the leader's children (the supervisor under `unshare`,
-    whose exit ends the PID namespace; or the candidate under the supervisor, which then cleans
-    up and exits), then, once the leader has exited, whatever is left in its process group.
-    """
-
-    def __init__(self, proc: subprocess.Popen, sweep_uid: int | None):
-        self.proc = proc
-        self.sweep_uid = sweep_uid
-
-    def kill(self) -> None:
-        for pid in children_of(self.proc.pid):
-            _kill_quietly(pid)
-        if self.sweep_uid is not None:
-            kill_uid(self.sweep_uid)
-
-    def finish(self) -> None:
-        """Wait for the leader to exit (killing its children if it takes long), sweep, reap."""
-        if not _wait_exit(self.proc.pid, LEADER_EXIT_S):
-            self.kill()
-            _wait_exit(self.proc.pid, LEADER_EXIT_S)
-        try:  # the leader is exited but not reaped: its group id cannot have been reused
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        if self.sweep_uid is not None:
-            kill_uid(self.sweep_uid)
-        self.proc.wait()
-
-
-def _wait_exit(pid: int, timeout_s: float) -> bool:
-    """Whether process `pid` (our child) exits within `timeout_s`; it is not reaped."""
-    try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return True
-    try:
-        ready, _, _ = select.select([pidfd], [], [], timeout_s)
-        return bool(ready)
-    finally:
-        os.close(pidfd)
-
-
-def _kill_quietly(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-@dataclass
-class _IOResult:
-    data: dict[int, bytearray]
-    cap_exceeded: bool = False
-    deadline_passed: bool = False
-
-
-def _pump(session: _Session, writes: dict[int, bytes], caps: dict[int, int], status_fd: int, deadline: float):
-    """Write the job/stdin, read every pipe to EOF; kill on deadline or cap; returns what was read."""
-    selector = selectors.DefaultSelector()
-    result = _IOResult({fd: bytearray() for fd in caps})
-    for fd in caps:
-        selector.register(fd, selectors.EVENT_READ)
-    for fd in writes:
-        os.set_blocking(fd, False)
-        selector.register(fd, selectors.EVENT_WRITE)
-
-    def close(fd: int) -> None:
-        selector.unregister(fd)
-        os.close(fd)
-
-    drain_until = None
-    try:
-        while selector.get_map():
-            now = time.monotonic()
-            if now >= (drain_until or deadline):
-                if drain_until is not None:
-                    break
-                result.deadline_passed = True
-                session.kill()
-                drain_until = now + DRAIN_S
-                continue
-            for key, _ in selector.select(timeout=(drain_until or deadline) - now):
-                fd = key.fd
-                if fd in writes:
-                    if _write_some(fd, writes):
-                        close(fd)
-                    continue
-                chunk = os.read(fd, 1 << 16)
-                if not chunk:
-                    close(fd)
-                    if fd == status_fd and drain_until is None:
-                        drain_until = time.monotonic() + DRAIN_S  # the supervisor is done
-                    continue
-                buffer = result.data[fd]
-                room = caps[fd] - len(buffer)
-                buffer += chunk[: max(room, 0)]
-                if len(chunk) > room and fd != status_fd and not result.cap_exceeded:
-                    result.cap_exceeded = True
-                    session.kill()
-                    drain_until = time.monotonic() + DRAIN_S
-    finally:
-        for fd in list(selector.get_map()):
-            close(fd)
-        selector.close()
-    return result
-
-
-def _write_some(fd: int, writes: dict[int, bytes]) -> bool:
-    """Write what the pipe takes now; True when all is written or the reader is gone."""
-    try:
-        written = os.write(fd, writes[fd][: 1 << 16])
-    except BlockingIOError:
-        return False
-    except OSError:  # BrokenPipeError: the program exited without reading its stdin
-        return True
-    writes[fd] = writes[fd][written:]
-    return not writes[fd]
 
 
 def _parse_status(raw: bytes) -> dict:
