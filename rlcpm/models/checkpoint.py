@@ -95,6 +95,8 @@ def load_model(
     tensors and unreadable files; UnsupportedModelError for an unknown model_type.
     """
     config = read_config(path)
+    if sparse_config is not None:
+        config.sparse_config = dict(sparse_config)
     if config.extra.get("quantization_config") is not None:  # packed weights: rlcpm.quant knows the format
         from rlcpm.quant.loading import load_quantized_model
 
