@@ -100,7 +100,7 @@ def load_model(
     if config.extra.get("quantization_config") is not None:  # packed weights: rlcpm.quant knows the format
         from rlcpm.quant.loading import load_quantized_model
 
-        return load_quantized_model(path, dtype=dtype, device=device, attention=attention)
+        return load_quantized_model(path, dtype, device, attention, sparse_config=config.sparse_config)
     config.attention = attention
     dtype = resolve_dtype(dtype, config.torch_dtype)
     config.torch_dtype = dtype

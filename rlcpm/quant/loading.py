@@ -45,12 +45,16 @@ def load_quantized_model(
     dtype: torch.dtype | str | None = None,
     device: torch.device | str = "cpu",
     attention: str = "dense",
+    sparse_config: dict | None = None,
 ) -> CausalLM:
     """A packed ternary HF directory -> CausalLM (eval mode) whose decoder linears are TernaryLinear.
 
     dtype: of activations, scales and unquantized weights (None/"auto": the checkpoint's).
+    attention / sparse_config: as rlcpm.models.load_model.
     """
     config = read_config(path)
+    if sparse_config is not None:
+        config.sparse_config = dict(sparse_config)
     source = str(Path(path) / "config.json")
     group_size = ternary_group_size(config.extra.get("quantization_config"), source)
     config.attention = attention

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from rlcpm.errors import EngineError
 from rlcpm.kernels.ternary import dequantize_ternary, pack_ternary, ternary_matmul, ternary_matmul_reference
+from rlcpm.kernels.ternary.triton_matmul import uses_group_dots
 
 
 @pytest.fixture(scope="module")
@@ -40,17 +41,28 @@ def test_reference_is_a_dense_matmul_with_codes_times_scales():
     torch.testing.assert_close(ternary_matmul_reference(x, packed, scales, 32, bias), x @ weight.T + bias)
 
 
-# (M, N, K, g): decode (M=1) and prefill-like M; N and K/4 not multiples of the tiles; g in {8, 32, 64, 128}
+# (M, N, K, g): decode (M=1) and prefill-like M; N and K/4 not multiples of the tiles; g in {8, 32, 64, 128};
+# both schedules: group dots (g a power of two >= 16 dividing K/4) and per-element scales
 SHAPES = [
     (1, 64, 256, 32),
     (3, 40, 96, 32),
     (16, 70, 512, 64),
     (33, 24, 200, 8),
-    (70, 130, 384, 128),
+    (70, 130, 384, 32),
+    (17, 36, 1024, 128),
 ]
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def _id(shape):
+    m, n, k, g = shape
+    return f"{m}x{n}x{k}-g{g}-{'group_dots' if uses_group_dots(k, g) else 'per_element'}"
+
+
+def test_shapes_cover_both_schedules():
+    assert {uses_group_dots(k, g) for _, _, k, g in SHAPES} == {True, False}
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_id)
 def test_triton_kernel_matches_reference_float32(triton_matmul, shape):
     m, n, k, g = shape
     x, packed, scales, bias = _operands(m, n, k, g, seed=m + n, bias=m % 2 == 1)
@@ -60,35 +72,37 @@ def test_triton_kernel_matches_reference_float32(triton_matmul, shape):
 
 def test_triton_kernel_tiles_and_strides(triton_matmul):
     """Explicit small tiles (several K iterations, partial last tile) and a non-contiguous x."""
-    x, packed, scales, _ = _operands(20, 36, 160, 32, seed=7)
-    x_strided = torch.randn(160, 20).T  # stride (1, 20)
-    for config in (
-        {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_J": 16},
-        {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_J": 32},
-    ):
-        out = triton_matmul(x, packed, scales, 32, config=config)
-        torch.testing.assert_close(out, ternary_matmul_reference(x, packed, scales, 32), rtol=1e-5, atol=1e-4)
-    out = triton_matmul(x_strided, packed, scales, 32)
-    torch.testing.assert_close(
-        out, ternary_matmul_reference(x_strided, packed, scales, 32), rtol=1e-5, atol=1e-4
-    )
+    for k in (160, 512):  # per-element and group-dot schedules
+        x, packed, scales, _ = _operands(20, 36, k, 32, seed=7)
+        expected = ternary_matmul_reference(x, packed, scales, 32)
+        for config in (
+            {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_J": 32},
+            {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_J": 64},
+        ):
+            out = triton_matmul(x, packed, scales, 32, config=config)
+            torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
+        x_strided = torch.randn(k, 20).T  # stride (1, 20)
+        out = triton_matmul(x_strided, packed, scales, 32)
+        torch.testing.assert_close(
+            out, ternary_matmul_reference(x_strided, packed, scales, 32), rtol=1e-5, atol=1e-4
+        )
 
 
+@pytest.mark.parametrize("k", [96, 128], ids=["per_element", "group_dots"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_triton_kernel_16_bit(triton_matmul, dtype):
-    """16-bit x and scales: W = c * s rounds like the reference's; float32 accumulation in both."""
-    x, packed, scales, bias = _operands(5, 48, 128, 32, dtype=dtype, bias=True)
+def test_triton_kernel_16_bit(triton_matmul, dtype, k):
+    """16-bit x and scales: float32 accumulation, one final rounding; within 2 ulps of the exact
+    float32 result (the interpreter truncates to bfloat16 where GPUs round to nearest)."""
+    x, packed, scales, bias = _operands(5, 48, k, 32, dtype=dtype, bias=True)
     out = triton_matmul(x, packed, scales, 32, bias)
     assert out.dtype == dtype
     weight = dequantize_ternary(packed, scales, 32, dtype).float()  # the 16-bit weight, exactly
-    expected = (x.float() @ weight.T + bias.float()).to(dtype)  # float32 sums, one final rounding
-    if dtype == torch.float16:
-        torch.testing.assert_close(out, expected, rtol=0, atol=0)
-    else:  # the interpreter truncates float32 -> bfloat16 (GPUs round to nearest): at most 1 ulp
-        torch.testing.assert_close(out, expected, rtol=2**-7, atol=0)
+    expected = x.float() @ weight.T + bias.float()
+    torch.testing.assert_close(out.float(), expected, rtol=2 * torch.finfo(dtype).eps, atol=1e-4)
 
 
-def test_dispatch_runs_the_reference_on_cpu_and_keeps_leading_dims():
+def test_dispatch_runs_the_reference_on_cpu_and_keeps_leading_dims(monkeypatch):
+    monkeypatch.delenv("RLCPM_KERNELS", raising=False)
     x, packed, scales, bias = _operands(6, 8, 64, 32, bias=True)
     out = ternary_matmul(x.view(2, 3, 64), packed, scales, 32, bias)
     assert out.shape == (2, 3, 8)
@@ -106,5 +120,3 @@ def test_dispatch_rejects_mismatched_operands():
         ternary_matmul(x, packed, scales, 16)
     with pytest.raises(EngineError, match="must be uint8"):
         ternary_matmul(x, packed.to(torch.int16), scales, 32)
-    with pytest.raises(EngineError, match="backend 'cuda' is not one of"):
-        ternary_matmul(x, packed, scales, 32, backend="cuda")

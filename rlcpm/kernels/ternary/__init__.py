@@ -4,10 +4,11 @@
     packed = pack_ternary(codes)                                # int codes [N, K] -> uint8 [N, K/4]
     y = ternary_matmul(x, packed, scales, group_size, bias)     # x [..., K] -> [..., N]
 
-The Triton kernel lives in rlcpm.kernels.ternary.triton_matmul (imported only when used).
+The Triton kernel lives in rlcpm.kernels.ternary.triton_matmul (imported only when used);
+`ternary_matmul_op` is the rlcpm.kernels.dispatch KernelOp that picks it or the reference.
 """
 
-from rlcpm.kernels.ternary.dispatch import select_backend, ternary_matmul
+from rlcpm.kernels.ternary.dispatch import ternary_matmul, ternary_matmul_op
 from rlcpm.kernels.ternary.packing import CODES_PER_BYTE, pack_ternary, unpack_ternary
 from rlcpm.kernels.ternary.reference import dequantize_ternary, ternary_matmul_reference
 
@@ -15,8 +16,8 @@ __all__ = [
     "CODES_PER_BYTE",
     "dequantize_ternary",
     "pack_ternary",
-    "select_backend",
     "ternary_matmul",
+    "ternary_matmul_op",
     "ternary_matmul_reference",
     "unpack_ternary",
 ]

@@ -1,42 +1,22 @@
-"""`ternary_matmul`: the one place that checks the operands and picks the kernel or the reference.
+"""`ternary_matmul`: checks the operands, then the shared KernelOp picks the kernel or the reference.
 
-backend "auto"       Triton on CUDA tensors (when triton imports), else the PyTorch reference
-backend "triton"     the Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1 for tests)
-backend "reference"  the PyTorch reference
+The choice is rlcpm.kernels.dispatch's (one place for every kernel): the Triton kernel on CUDA
+tensors when Triton imports, the PyTorch reference otherwise; RLCPM_KERNELS=reference|triton
+forces one. `ternary_matmul_op.reference` / `.kernel` call one explicitly.
 """
 
 from __future__ import annotations
 
-import functools
-import os
-from typing import Literal
-
 import torch
 
 from rlcpm.errors import EngineError
+from rlcpm.kernels.dispatch import KernelOp
 from rlcpm.kernels.ternary.packing import CODES_PER_BYTE
 from rlcpm.kernels.ternary.reference import ternary_matmul_reference
 
-Backend = Literal["auto", "triton", "reference"]
-
-
-@functools.cache
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def select_backend(device: torch.device, backend: Backend = "auto") -> str:
-    """ "triton" or "reference" for tensors on `device`."""
-    if backend not in ("auto", "triton", "reference"):
-        raise EngineError(f"ternary matmul backend {backend!r} is not one of auto, triton, reference")
-    if backend != "auto":
-        return backend
-    is_interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    return "triton" if triton_available() and (device.type == "cuda" and not is_interpreted) else "reference"
+ternary_matmul_op = KernelOp(
+    "ternary.matmul", ternary_matmul_reference, "rlcpm.kernels.ternary.triton_matmul:ternary_matmul_triton"
+)
 
 
 def check_operands(
@@ -75,20 +55,11 @@ def ternary_matmul(
     scales: torch.Tensor,
     group_size: int,
     bias: torch.Tensor | None = None,
-    *,
-    backend: Backend = "auto",
 ) -> torch.Tensor:
     """y = x W^T + b, W = unpack(packed) * s per group: x [..., K] -> y [..., N] in x's dtype.
 
     packed: uint8 [N, K / 4] (rlcpm.kernels.ternary.packing); scales: [N, K / group_size].
     """
     check_operands(x, packed, scales, group_size, bias)
-    leading = x.shape[:-1]
-    x2d = x.reshape(-1, x.shape[-1])
-    if select_backend(x.device, backend) == "triton":
-        from rlcpm.kernels.ternary.triton_matmul import ternary_matmul_triton
-
-        out = ternary_matmul_triton(x2d, packed, scales, group_size, bias)
-    else:
-        out = ternary_matmul_reference(x2d, packed, scales, group_size, bias)
-    return out.view(*leading, packed.shape[0])
+    out = ternary_matmul_op(x.reshape(-1, x.shape[-1]), packed, scales, group_size, bias)
+    return out.view(*x.shape[:-1], packed.shape[0])

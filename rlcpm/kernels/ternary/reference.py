@@ -20,8 +20,10 @@ def dequantize_ternary(
 
     Exact in any float dtype: c is -1, 0 or 1, so c * s only sets the sign of s (rounded to dtype).
     """
-    codes = unpack_ternary(packed)  # [N, K] int8
-    return codes.to(dtype) * scales.to(dtype).repeat_interleave(group_size, dim=-1)
+    codes = unpack_ternary(packed).to(dtype)  # [N, K]
+    num_out, in_features = codes.shape
+    grouped = codes.view(num_out, in_features // group_size, group_size) * scales.to(dtype).unsqueeze(-1)
+    return grouped.view(num_out, in_features)
 
 
 def ternary_matmul_reference(

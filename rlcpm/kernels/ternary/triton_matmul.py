@@ -1,17 +1,24 @@
 """Triton ternary matmul: y = x W^T (+ b) reading W as 2-bit codes + group scales.
 
-Each program computes a [BLOCK_M, BLOCK_N] tile of y. It walks the packed weight in tiles of
-BLOCK_J bytes per output row; one packed tile [BLOCK_J, BLOCK_N] holds the codes of BLOCK_J
-columns in each of the four quarters of K (see rlcpm.kernels.ternary.packing), so per tile:
+Each program computes a [BLOCK_M, BLOCK_N] tile of y, walking the packed weight in tiles of
+BLOCK_J bytes per output row. A packed tile [BLOCK_J, BLOCK_N] holds the codes of BLOCK_J
+columns in each of the four quarters of K (Q = K / 4; rlcpm.kernels.ternary.packing), so
+bit pair i of the tile feeds a dense dot with x[:, i*Q + j]. Two schedules:
 
-    for quarter i in 0..3:
-        c   = ((packed >> 2i) & 3) - 1                     codes of columns i*Q + j   [BLOCK_J, BLOCK_N]
-        w   = c * s[n, (i*Q + j) // g]                     dequantized in registers (float32, then x's dtype)
-        acc += x[:, i*Q + j] @ w                           tensor-core dot, float32 accumulation
+group dots (when g is a power of two >= 16 and divides Q; every real model), BLOCK_J = m * g:
 
-The weight is read once at 2 bits per value (plus the scales), never written back dense: the
-bandwidth saving a decode step needs. Edges in M, N and K are masked, so any shape works as
-long as K is a multiple of 4 (packing) and of the group size (checked by the wrapper).
+    for each group G of the tile, quarter i:     c = ((packed >> 2i) & 3) - 1    [g, BLOCK_N], exact in x's dtype
+        acc += (x[:, G] @ c) * s[G, n]           one scale row per group, applied to the partial sum
+
+per element (any other shape):
+
+    w = c * s[n, k // g]                         dequantized in registers, scales gathered per element
+    acc += x[:, i*Q + j] @ w
+
+Both accumulate in float32 and read the weight once at 2 bits per value plus the scales.
+The group-dot schedule sums each group before scaling, so its rounding differs from the
+reference's x @ (c * s) in the last float32 bits. Edges in M and N are masked (and K in the
+per-element schedule); the wrapper checks K % 4 == 0 and K % g == 0.
 """
 
 from __future__ import annotations
@@ -33,7 +40,6 @@ def _ternary_matmul_kernel(
     M,
     N,
     QUARTER,  # K / 4: packed bytes per output row
-    GROUP_SIZE,
     stride_xm,
     stride_xk,
     stride_pn,
@@ -42,9 +48,11 @@ def _ternary_matmul_kernel(
     stride_sg,
     stride_om,
     stride_on,
+    GROUP_SIZE: tl.constexpr,
+    GROUP_DOTS: tl.constexpr,  # the group-dot schedule (see the module docstring)
     HAS_BIAS: tl.constexpr,
     UPCAST: tl.constexpr,  # interpreter only: dot in float32 (numpy has no bfloat16)
-    DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32), else "tf32" (unused for 16-bit)
+    DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs (no TF32); ignored for 16-bit inputs
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_J: tl.constexpr,
@@ -58,44 +66,81 @@ def _ternary_matmul_kernel(
     # tl.full, not tl.zeros: tl.zeros is a @jit helper, which TRITON_INTERPRET=1 cannot call when
     # triton was imported before the variable was set (as in a test session)
     acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
-    for j0 in range(0, QUARTER, BLOCK_J):
-        js = j0 + tl.arange(0, BLOCK_J)  # [BJ] byte index within a row
-        j_ok = js < QUARTER
-        w_ok = j_ok[:, None] & col_ok[None, :]
-        packed = tl.load(
-            packed_ptr + js[:, None] * stride_pj + cols[None, :] * stride_pn, mask=w_ok, other=0
-        )  # [BJ, BN] uint8
-        for quarter in tl.static_range(4):
-            ks = quarter * QUARTER + js  # [BJ] input columns held by this bit pair
-            codes = ((packed >> (2 * quarter)) & 3).to(tl.float32) - 1.0
-            scales = tl.load(
-                scale_ptr + (ks // GROUP_SIZE)[:, None] * stride_sg + cols[None, :] * stride_sn,
-                mask=w_ok,
-                other=0.0,
-            ).to(tl.float32)
-            x = tl.load(
-                x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
-                mask=row_ok[:, None] & j_ok[None, :],
-                other=0.0,
-            )  # [BM, BJ]
-            w = (codes * scales).to(x.dtype)  # [BJ, BN], exact: codes are -1, 0, 1
-            if UPCAST:
-                acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-            else:
-                acc += tl.dot(x, w, input_precision=DOT_PRECISION)
+    if GROUP_DOTS:
+        for j0 in range(0, QUARTER, BLOCK_J):
+            for sub in tl.static_range(BLOCK_J // GROUP_SIZE):
+                js = j0 + sub * GROUP_SIZE + tl.arange(0, GROUP_SIZE)  # [g] bytes: one group per quarter
+                j_ok = js < QUARTER  # whole groups: Q is a multiple of g
+                packed = tl.load(
+                    packed_ptr + js[:, None] * stride_pj + cols[None, :] * stride_pn,
+                    mask=j_ok[:, None] & col_ok[None, :],
+                    other=0,
+                )  # [g, BN] uint8
+                for quarter in tl.static_range(4):
+                    ks = quarter * QUARTER + js
+                    x = tl.load(
+                        x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
+                        mask=row_ok[:, None] & j_ok[None, :],
+                        other=0.0,
+                    )  # [BM, g]
+                    codes = ((packed >> (2 * quarter)) & 3).to(tl.int8) - 1  # [g, BN] in {-1, 0, 1}
+                    group = (quarter * QUARTER + j0 + sub * GROUP_SIZE) // GROUP_SIZE
+                    scale = tl.load(
+                        scale_ptr + group * stride_sg + cols * stride_sn,
+                        mask=col_ok & (tl.full((BLOCK_N,), j0 + sub * GROUP_SIZE, tl.int32) < QUARTER),
+                        other=0.0,
+                    ).to(tl.float32)  # [BN]
+                    if UPCAST:
+                        part = tl.dot(x.to(tl.float32), codes.to(tl.float32), input_precision="ieee")
+                    else:
+                        part = tl.dot(x, codes.to(x.dtype), input_precision=DOT_PRECISION)  # exact cast
+                    acc += part * scale[None, :]
+    else:
+        for j0 in range(0, QUARTER, BLOCK_J):
+            js = j0 + tl.arange(0, BLOCK_J)  # [BJ] byte index within a row
+            j_ok = js < QUARTER
+            w_ok = j_ok[:, None] & col_ok[None, :]
+            packed = tl.load(
+                packed_ptr + js[:, None] * stride_pj + cols[None, :] * stride_pn, mask=w_ok, other=0
+            )  # [BJ, BN] uint8
+            for quarter in tl.static_range(4):
+                ks = quarter * QUARTER + js  # [BJ] input columns held by this bit pair
+                codes = ((packed >> (2 * quarter)) & 3).to(tl.float32) - 1.0
+                scales = tl.load(
+                    scale_ptr + (ks // GROUP_SIZE)[:, None] * stride_sg + cols[None, :] * stride_sn,
+                    mask=w_ok,
+                    other=0.0,
+                ).to(tl.float32)
+                x = tl.load(
+                    x_ptr + rows[:, None] * stride_xm + ks[None, :] * stride_xk,
+                    mask=row_ok[:, None] & j_ok[None, :],
+                    other=0.0,
+                )  # [BM, BJ]
+                w = (codes * scales).to(x.dtype)  # [BJ, BN], exact: codes are -1, 0, 1
+                if UPCAST:
+                    acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+                else:
+                    acc += tl.dot(x, w, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + rows[:, None] * stride_om + cols[None, :] * stride_on
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _launch_config(num_rows: int, num_out: int) -> dict[str, int]:
-    """Tile sizes: small BLOCK_M for decode batches, wider tiles when M is large."""
+def uses_group_dots(in_features: int, group_size: int) -> bool:
+    """Whether the group-dot schedule applies: g a power of two >= 16 dividing K / 4."""
+    quarter = in_features // 4
+    return group_size >= 16 and group_size & (group_size - 1) == 0 and quarter % group_size == 0
+
+
+def _launch_config(num_rows: int, dtype: torch.dtype) -> dict[str, int]:
+    """Tile sizes: small BLOCK_M for decode batches, wider tiles when M is large (float32 tiles are
+    twice as large in shared memory, so they stay smaller)."""
     if num_rows <= 16:
-        return {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_J": 64, "num_warps": 4}
-    if num_rows <= 64:
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_J": 32, "num_warps": 4}
-    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_J": 32, "num_warps": 8}
+        return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_J": 128, "num_warps": 4, "num_stages": 4}
+    if num_rows <= 64 or dtype == torch.float32:
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_J": 64, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_J": 64, "num_warps": 8, "num_stages": 2}
 
 
 def ternary_matmul_triton(
@@ -110,12 +155,15 @@ def ternary_matmul_triton(
     """Launch the kernel: x [M, K], packed uint8 [N, K / 4], scales [N, K / g] -> y [M, N].
 
     Shapes are assumed checked (rlcpm.kernels.ternary.ternary_matmul does it); `config`
-    overrides the tile sizes (BLOCK_M, BLOCK_N, BLOCK_J, num_warps).
+    overrides the tile sizes (BLOCK_M, BLOCK_N, BLOCK_J, num_warps, num_stages).
     """
     num_rows, num_out = x.shape[0], packed.shape[0]
     out = torch.empty((num_rows, num_out), dtype=x.dtype, device=x.device)
-    launch = dict(config or _launch_config(num_rows, num_out))
-    num_warps = launch.pop("num_warps", 4)
+    launch = dict(config or _launch_config(num_rows, x.dtype))
+    num_warps, num_stages = launch.pop("num_warps", 4), launch.pop("num_stages", 2)
+    group_dots = uses_group_dots(packed.shape[1] * 4, group_size)
+    if group_dots:  # whole groups per tile
+        launch["BLOCK_J"] = max(group_size, launch["BLOCK_J"] // group_size * group_size)
     grid = (triton.cdiv(num_rows, launch["BLOCK_M"]), triton.cdiv(num_out, launch["BLOCK_N"]))
     _ternary_matmul_kernel[grid](
         x,
@@ -126,7 +174,6 @@ def ternary_matmul_triton(
         num_rows,
         num_out,
         packed.shape[1],
-        group_size,
         x.stride(0),
         x.stride(1),
         packed.stride(0),
@@ -135,10 +182,13 @@ def ternary_matmul_triton(
         scales.stride(1),
         out.stride(0),
         out.stride(1),
+        GROUP_SIZE=group_size,
+        GROUP_DOTS=group_dots,
         HAS_BIAS=bias is not None,
         UPCAST=os.environ.get("TRITON_INTERPRET") == "1" and x.dtype != torch.float32,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=num_warps,
+        num_stages=num_stages,
         **launch,
     )
     return out
