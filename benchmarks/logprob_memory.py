@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -143,6 +144,7 @@ def main() -> None:
         "hidden": args.hidden,
         "chunk_tokens": args.chunk,
         "torch": torch.__version__,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} {platform.release()}",
         "note": "peak memory of forward + backward above the inputs; each method in a fresh subprocess",
         "results": rows,
     }
