@@ -114,6 +114,21 @@ def filter_logits(
     return logits.masked_fill(~keep, float("-inf"))
 
 
+def _scale(logits: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
+    """logits / temperature in float32 ([N, V]); greedy rows (temperature 0) are divided by 1."""
+    if isinstance(temperature, torch.Tensor):
+        if bool(((temperature == 0) | (temperature == 1)).all()):
+            return logits.float()
+        t = _as_column(temperature, logits.shape[0], torch.float32)
+        return logits.float() / torch.where(t == 0, torch.ones_like(t), t)
+    return logits.float() if temperature in (0, 1) else logits.float() / temperature
+
+
+def _is_filtering(top_k: torch.Tensor | int, top_p: torch.Tensor | float, vocab_size: int) -> bool:
+    k = torch.as_tensor(top_k)
+    return bool(((k > 0) & (k < vocab_size)).any() or (torch.as_tensor(top_p) < 1).any())
+
+
 def sampling_log_distribution(
     logits: torch.Tensor,
     temperature: torch.Tensor | float = 1.0,
@@ -126,13 +141,13 @@ def sampling_log_distribution(
     ``log_softmax(logits)`` (no temperature, no filter). Filtered-out entries are -inf.
     """
     num_rows = logits.shape[0]
-    t = _as_column(temperature, num_rows, torch.float32)
-    is_greedy = t == 0  # [N, 1]
-    scaled = logits.float() / torch.where(is_greedy, torch.ones_like(t), t)
+    scaled = _scale(logits, temperature)
+    is_greedy = _as_column(temperature, num_rows, torch.float32) == 0  # [N, 1]
     if bool(is_greedy.any()):
         top_k = torch.where(is_greedy, -1, _as_column(top_k, num_rows, torch.long)).squeeze(1)
         top_p = torch.where(is_greedy, 1.0, _as_column(top_p, num_rows, torch.float32)).squeeze(1)
-    return filter_logits(scaled, top_k, top_p).log_softmax(dim=-1)
+    filtered = filter_logits(scaled, top_k, top_p)
+    return filtered - filtered.logsumexp(dim=-1, keepdim=True)  # log_softmax, spelled as in sampling_logprobs
 
 
 def sampling_logprobs(
@@ -146,11 +161,18 @@ def sampling_logprobs(
 
     logits: [..., V] (any dtype; computed in float32); token_ids: [...] -> float32 [...].
     temperature / top_k / top_p: scalars, or tensors with one value per row of the flattened
-    leading dims. temperature 0 (greedy) gives ``log_softmax(logits)[token]``.
+    leading dims. temperature 0 (greedy) gives ``log_softmax(logits)[token]``. Without
+    filtering this is computed as ``z[token] - logsumexp(z)``, z = logits / temperature (the
+    same number as the log-softmax, without materialising [N, V] log-probs).
     """
     flat = logits.reshape(-1, logits.shape[-1])
+    targets = token_ids.reshape(-1, 1)
+    if not _is_filtering(top_k, top_p, flat.shape[-1]):
+        scaled = _scale(flat, temperature)  # [N, V]
+        picked = scaled.gather(1, targets) - scaled.logsumexp(dim=-1, keepdim=True)
+        return picked.reshape(token_ids.shape)
     log_dist = sampling_log_distribution(flat, temperature, top_k, top_p)  # [N, V]
-    return log_dist.gather(1, token_ids.reshape(-1, 1)).reshape(token_ids.shape)
+    return log_dist.gather(1, targets).reshape(token_ids.shape)
 
 
 # --------------------------------------------------------------------------- counter-based RNG
@@ -205,13 +227,13 @@ class SamplingBatch:
 
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row and its behaviour log-prob: logits [N, V] -> (ids [N], logprobs [N])."""
-    log_dist = sampling_log_distribution(logits, batch.temperature, batch.top_k, batch.top_p)  # [N, V]
     if batch.is_all_greedy:
         token_ids = logits.argmax(dim=-1)
-    else:
-        cdf = log_dist.double().exp().cumsum(dim=-1)  # [N, V], vocabulary order
-        uniforms = torch.from_numpy(counter_uniforms(batch.seeds, batch.counters))
-        targets = (uniforms * cdf[:, -1]).unsqueeze(1)
-        sampled = torch.searchsorted(cdf, targets, right=True).squeeze(1).clamp_(max=logits.shape[-1] - 1)
-        token_ids = torch.where(batch.temperature == 0, logits.argmax(dim=-1), sampled)
+        return token_ids, sampling_logprobs(logits, token_ids, batch.temperature, batch.top_k, batch.top_p)
+    log_dist = sampling_log_distribution(logits, batch.temperature, batch.top_k, batch.top_p)  # [N, V]
+    cdf = log_dist.exp().cumsum(dim=-1, dtype=torch.float64)  # [N, V], vocabulary order
+    uniforms = torch.from_numpy(counter_uniforms(batch.seeds, batch.counters)).to(cdf.device)
+    targets = (uniforms * cdf[:, -1]).unsqueeze(1)
+    sampled = torch.searchsorted(cdf, targets, right=True).squeeze(1).clamp_(max=logits.shape[-1] - 1)
+    token_ids = torch.where(batch.temperature.to(sampled.device) == 0, logits.argmax(dim=-1), sampled)
     return token_ids, log_dist.gather(1, token_ids[:, None]).squeeze(1)
