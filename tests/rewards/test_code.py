@@ -33,6 +33,7 @@ def test_list_of_assert_strings_each_string_is_one_case():
     assert code.score(GOOD_ADD, tests) == 1.0
     assert code.score(BAD_ADD, tests) == 0.0
     assert code.run_tests(GOOD_ADD, tests).form == "assert_list"
+    assert code.score(GOOD_ADD, ["from solution import add as plus\nassert plus(2, 2) == 4"]) == 1.0
 
 
 def test_stdin_stdout_cases():

@@ -7,6 +7,7 @@ process of its uid or session, no working directory, no file outside the sandbox
 
 from __future__ import annotations
 
+import ast
 import os
 import secrets
 import socket
@@ -208,3 +209,20 @@ def test_parent_and_neighbours_unharmed(suite):
     _, canary_alive = suite
     assert canary_alive
     assert code.score(f"```python\n{HONEST}```", TESTS) == 1.0  # the machine still runs sandboxes
+
+
+def test_memory_of_all_processes_together_is_capped(assert_no_survivors):
+    """Eight children touching 300 MB each stay under the run's 512 MB cgroup: some are OOM-killed."""
+    from rlcpm.rewards.sandbox import SandboxLimits, run_sandboxed
+    from rlcpm.rewards.sandbox.cgroups import cgroup_parents
+
+    assert any(p.limit_file.startswith("memory") for p in cgroup_parents())  # root here: cgroups writable
+    program = (
+        "import os\nkids = []\nfor _ in range(8):\n    pid = os.fork()\n    if pid == 0:\n"
+        "        block = bytearray(300 << 20)\n        os._exit(0)\n    kids.append(pid)\n"
+        "print([os.waitstatus_to_exitcode(os.waitpid(p, 0)[1]) for p in kids])\n"
+    )
+    run = run_sandboxed(program, limits=SandboxLimits(timeout_s=10, memory_mb=512, total_memory_mb=512))
+    statuses = ast.literal_eval(run.stdout.decode())
+    assert len(statuses) == 8 and -9 in statuses, statuses
+    assert_no_survivors([run])

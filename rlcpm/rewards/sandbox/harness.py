@@ -23,6 +23,7 @@ import signal
 import sys
 import time
 import traceback
+import types
 
 MAX_VALUE_CHARS = 1 << 16
 
@@ -107,7 +108,10 @@ def run_tests(job: dict, report_fd: int) -> int:
 
     signal.signal(signal.SIGALRM, _on_alarm)
     sys.argv = ["solution.py"]
-    namespace = {"__name__": "solution", "__builtins__": builtins, "__file__": "solution.py"}
+    module = types.ModuleType("solution")  # tests may also `from solution import f`
+    module.__file__ = "solution.py"
+    sys.modules["solution"] = module
+    namespace = module.__dict__
     try:
         signal.setitimer(signal.ITIMER_REAL, timeout_s)
         try:

@@ -8,7 +8,7 @@ starts can outlive the run. Standard library only, and never imports rlcpm (fast
 Steps: read the job (JSON) from JOB_FD; in namespace mode, give the sandbox a private
 filesystem view (size-limited tmpfs on /tmp, /var/tmp, /dev/shm, /run/lock and the working
 directory; directories the sandbox user cannot enter are replaced by an empty tmpfs, with only the
-interpreter's own paths bound back read-only); fork the candidate; in the child set rlimits,
+interpreter's own paths bound back read-only); join the run's cgroups; fork the candidate; in the child set rlimits,
 drop to the job's unprivileged uid and run the harness; in the parent wait at most `budget_s`,
 SIGKILL the child on time-out, kill and reap every process the candidate left behind, and write
 the exit status to STATUS_FD, a pipe the candidate never holds. The candidate's reports go to
@@ -230,6 +230,9 @@ def main(argv: list[str]) -> int:
         if job["namespaces"]:
             _private_filesystem(job)
         _prepare_workdir(job)
+        for cgroup in job["cgroups"]:  # memory and process caps for everything started from here
+            with open(os.path.join(cgroup, "cgroup.procs"), "w") as procs:
+                procs.write(str(os.getpid()))
         harness = _load_harness()
     except BaseException as err:  # noqa: BLE001 - an infrastructure failure, reported as such
         _write_status(status_fd, {"setup_error": f"{type(err).__name__}: {err}"})

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlcpm.errors import SandboxError
+from rlcpm.rewards.sandbox.cgroups import create_run_cgroups, remove_run_cgroups
 from rlcpm.rewards.sandbox.isolation import (
     UNSHARE_FLAGS,
     Isolation,
@@ -41,6 +42,8 @@ class SandboxLimits:
     timeout_s: wall-clock seconds for the program (script mode) or for loading it and for each
         test unit (test mode); the sandbox's own start-up is not counted (`startup_grace_s`).
     memory_mb: address space (RLIMIT_AS) of each process.   max_processes: RLIMIT_NPROC.
+    total_memory_mb: memory of all its processes together, tmpfs files included (a cgroup,
+        where this process may create one).
     file_size_mb: largest file it may write (RLIMIT_FSIZE).  disk_mb: size of its tmpfs areas.
     max_output_bytes: cap on stdout and on stderr; passing it kills the run.
     """
@@ -48,6 +51,7 @@ class SandboxLimits:
     timeout_s: float = 2.0
     memory_mb: int = 1024
     max_processes: int = 32
+    total_memory_mb: int = 2048
     file_size_mb: int = 16
     disk_mb: int = 64
     max_output_bytes: int = 1 << 20
@@ -128,8 +132,10 @@ def run_sandboxed(
         },
     }
     try:
+        job["cgroups"] = create_run_cgroups(limits.total_memory_mb, limits.max_processes + 2)
         return _execute(job, stdin, limits, iso, token)
     finally:
+        remove_run_cgroups(job.get("cgroups", []))
         shutil.rmtree(workdir, ignore_errors=True)
 
 
