@@ -170,6 +170,8 @@ class RewardPool:
         return num_samples * sum(term.timeout_s for term in self.terms) + self.slack_s
 
     def _failed(self, chunk: list[Sample], reason: str) -> list[RewardResult]:
+        functions = ", ".join(f"{t.label!r} ({t.function.path})" for t in self.terms)
+        reason = f"{reason}; rewards: {functions}"
         logger.warning("%s (samples %s)", reason, [s.id for s in chunk])
         dropped = any(term.on_error == "drop" for term in self.terms)
         return [

@@ -101,6 +101,7 @@ def test_hung_rewards_never_block_a_step(ray_session, user_module):
             and "'sleeps'" in results[1].error
         )
         assert "did not answer" in results[2].error and "'spins'" in results[2].error
+        assert "rlcpm_user_rewards:gil_hog" in results[2].error  # the suspects are named
         assert elapsed < 6.0  # the slowest chunk's budget is 2 x 0.5 s + 1 s slack
         assert pool.num_restarts >= 1
         again = pool.score([Sample(id="after-1"), Sample(id="after-2")])
