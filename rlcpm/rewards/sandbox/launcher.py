@@ -174,7 +174,7 @@ def _end_descendants(job: dict) -> None:
     root: kill this process's children in rounds (best effort). As a child subreaper (or PID 1)
     this process inherits the orphans and reaps them, so no zombies are left.
     """
-    if job["namespaces"]:
+    if job["namespaces"] and os.getpid() == 1:  # never kill(-1) outside our own PID namespace
         _kill_quietly(-1)
     elif job["uid"] is not None:
         helper = os.fork()
