@@ -40,7 +40,7 @@ from rlcpm.trainer.trajectory import Group
 
 log = logging.getLogger("rlcpm.trainer")
 
-PASS_RATE_EMA = 0.5
+RATE_EMA = 0.5  # weight of the old value in the pass / finish rate averages
 
 
 def train_grpo(recipe: Recipe, resume: bool = False) -> TrainResult:
@@ -66,8 +66,10 @@ class GRPOTrainer:
         self._setup_actors()
         self.buffer: list[Group] = []  # B: scored groups that passed the filter
         self.pass_rate = 1.0  # share of finished groups that pass dynamic sampling (EMA)
+        self.finish_rate = 1.0  # share of in-flight groups that finish in a round (EMA)
         self.step = 0
         self.eval_before: dict[str, float] = {}
+        self.last_groups: list[Group] = []
         wandb_run_id = self._restore() if resume else None
         self.monitor = Monitor(
             recipe, self.run_dir, total_steps=recipe.learner.total_steps,
@@ -134,6 +136,7 @@ class GRPOTrainer:
     def train_step(self) -> dict[str, float]:
         start = time.perf_counter()
         groups, metrics = self.collect_groups()
+        self.last_groups = groups  # the trained batch, for inspection
         if not groups:
             log.warning("step %d: no group with a learning signal after over-sampling; skipping the update", self.step)
             return {**metrics, "train/skipped": 1.0, "perf/step_time_s": time.perf_counter() - start}
@@ -151,16 +154,24 @@ class GRPOTrainer:
         return metrics
 
     def collect_groups(self) -> tuple[list[Group], dict[str, float]]:
-        """Generation rounds until B holds N groups (or over-sampling hits its bound)."""
+        """Generation rounds until B holds N groups (or over-sampling hits its bound).
+
+        Enough groups are kept in flight that about N of them finish and pass the filter per
+        round: with chunking, short responses fill B while long ones carry over to the next
+        step instead of stalling this one. Without chunking (or chunk >= max length) every
+        group finishes in its first round: classic synchronous rollout.
+        """
         n_groups = self.algo.groups_per_step
-        max_tried = math.ceil(self.algo.max_oversample * n_groups)
+        max_groups = math.ceil(self.algo.max_oversample * n_groups)
         tried = filtered = rounds = num_tokens = 0
         sampling_s = reward_s = 0.0
         results_all = []
-        while len(self.buffer) < n_groups and tried < max_tried:
+        while len(self.buffer) < n_groups and tried < max_groups:
             need = n_groups - len(self.buffer)
-            target = math.ceil(need / max(self.pass_rate, 1.0 / self.algo.max_oversample))
+            yield_rate = max(self.pass_rate * self.finish_rate, 1.0 / self.algo.max_oversample)
+            target = min(math.ceil(need / yield_rate), max_groups)
             self.chunks.top_up(max(0, target - self.chunks.num_in_flight_groups))
+            in_flight = self.chunks.num_in_flight_groups
             requests = self.chunks.next_requests()
             group_of = {r.traj_id: r.traj_id.split(".")[0] for r in requests}
             t0 = time.perf_counter()
@@ -169,6 +180,7 @@ class GRPOTrainer:
             num_tokens += sum(len(r.token_ids) for r in results)
             finished = self.chunks.absorb(results, self.rollout.version)
             rounds += 1
+            self.finish_rate = _ema(self.finish_rate, len(finished) / in_flight)
             if not finished:
                 continue
             t0 = time.perf_counter()
@@ -182,7 +194,7 @@ class GRPOTrainer:
                 passed = not self.algo.dynamic_sampling or passes_dynamic_sampling(group)
                 tried += 1
                 filtered += not passed
-                self.pass_rate = PASS_RATE_EMA * self.pass_rate + (1 - PASS_RATE_EMA) * float(passed)
+                self.pass_rate = _ema(self.pass_rate, float(passed))
                 if passed:
                     self.buffer.append(group)
         groups, self.buffer = self.buffer[:n_groups], self.buffer[n_groups:]
@@ -194,6 +206,7 @@ class GRPOTrainer:
             "rollout/in_flight_groups": self.chunks.num_in_flight_groups,
             "rollout/buffered_groups": len(self.buffer),
             "rollout/pass_rate": self.pass_rate,
+            "rollout/finish_rate": self.finish_rate,
             "perf/sampling_time_s": sampling_s,
             "perf/reward_time_s": reward_s,
             "perf/tokens_per_s": num_tokens / sampling_s if sampling_s > 0 else 0.0,
@@ -220,6 +233,7 @@ class GRPOTrainer:
                 "chunks": self.chunks.state_dict(),
                 "buffer": self.buffer,
                 "pass_rate": self.pass_rate,
+                "finish_rate": self.finish_rate,
                 "eval_before": self.eval_before,
                 "wandb_run_id": self.monitor.wandb_run_id,
             }
@@ -239,6 +253,7 @@ class GRPOTrainer:
         self.chunks.load_state_dict(loop["chunks"])
         self.buffer = loop["buffer"]
         self.pass_rate = loop["pass_rate"]
+        self.finish_rate = loop["finish_rate"]
         self.eval_before = loop["eval_before"]
         log.info("resumed from %s at step %d", path, self.step)
         return loop["wandb_run_id"]
@@ -290,6 +305,10 @@ class GRPOTrainer:
                     log.warning("closing %s: %s", name, err)
         if getattr(self, "started_ray", False) and ray.is_initialized():
             ray.shutdown()
+
+
+def _ema(old: float, new: float) -> float:
+    return RATE_EMA * old + (1 - RATE_EMA) * new
 
 
 def _batch_metrics(groups: list[Group], version: int) -> dict[str, float]:

@@ -1,0 +1,7 @@
+"""Rewards for the RL-loop tests: they give a random tiny model's responses real variance."""
+
+
+def first_token_even(sample) -> float:
+    """1.0 when the response's first token id is even: a coin flip per response for a random model."""
+    ids = sample.response_token_ids or [1]
+    return 1.0 if ids[0] % 2 == 0 else 0.0

@@ -1,0 +1,156 @@
+"""The GRPO loop end to end on real Ray actors with a tiny random model (issue 7 invariants)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlcpm.config import load_recipe
+from rlcpm.models import load_model
+from rlcpm.models.tiny import build_tiny_model_dir
+from rlcpm.rollout import sampling_logprobs
+from rlcpm.trainer import train
+from rlcpm.trainer.rl_loop import GRPOTrainer
+
+HERE = Path(__file__).parent
+# ~1 token in 6 ends a response: lengths spread from 1 to max_new_tokens, so chunking carries over.
+STOP_IDS = list(range(3, 400, 6))
+PERF_PREFIXES = ("perf/", "time")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    build_tiny_model_dir(path, "llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, seed=3)
+    return path
+
+
+def make_recipe(model_dir, run_dir, **over):
+    base = {
+        "seed": 1,
+        "run_dir": str(run_dir),
+        "model": {"path": str(model_dir), "dtype": "float32", "device": "cpu"},
+        "data": {
+            "train": {"task": "arithmetic", "num_samples": 64, "seed": 0},
+            "eval": {"task": "arithmetic", "num_samples": 4, "seed": 1, "options": {"partition": "heldout"}},
+            "apply_chat_template": False,
+        },
+        "rewards": [{"fn": "rl_rewards:first_token_even"}],
+        "algorithm": {"name": "grpo", "groups_per_step": 2, "kl_coef": 0.0},
+        "rollout": {"n_samples": 4, "max_new_tokens": 12, "stop_token_ids": STOP_IDS},
+        "learner": {"lr": 5e-3, "total_steps": 2, "checkpoint": {"every_steps": 100}},
+        "logging": {"wandb": {"mode": "disabled"}, "progress": False, "samples_every": 0},
+        "eval": {"num_prompts": 4, "greedy": False},
+        "cluster": {"reward_workers": 1},
+    }
+    overrides = [f"{k}={json.dumps(v)}" for k, v in over.items()]
+    return load_recipe(data=base, overrides=overrides)
+
+
+@pytest.fixture(autouse=True)
+def _importable_rewards(monkeypatch):
+    monkeypatch.syspath_prepend(str(HERE))
+
+
+def comparable(history):
+    return [{k: v for k, v in row.items() if not k.startswith(PERF_PREFIXES)} for row in history]
+
+
+def test_chunk_at_max_length_equals_synchronous(ray_session, model_dir, tmp_path):
+    sync = train(make_recipe(model_dir, tmp_path / "sync"))
+    chunked = train(make_recipe(model_dir, tmp_path / "chunk", **{"rollout.chunk_tokens": 12}))
+    assert comparable(sync.history) == comparable(chunked.history)
+    assert [r["train/loss"] for r in sync.history if "train/loss" in r]  # it trained
+
+
+def test_chunks_span_versions_with_their_own_behaviour_logprobs(ray_session, model_dir, tmp_path):
+    recipe = make_recipe(model_dir, tmp_path / "run", **{"rollout.chunk_tokens": 2, "learner.total_steps": 3})
+    trainer = GRPOTrainer(recipe)
+    snapshots = {0: {k: v.clone() for k, v in trainer.learner.named_weights()}}
+    trained = []
+    try:
+        for step in range(1, 4):
+            trainer.step = step
+            trainer.train_step()
+            trained.extend(trainer.last_groups)
+            snapshots[trainer.learner.policy_version] = {k: v.clone() for k, v in trainer.learner.named_weights()}
+    finally:
+        trainer.close()
+    multi = [t for g in trained for t in g.trajectories if t.num_versions > 1]
+    assert multi, "with chunk_tokens=2 some trajectory must span several policy versions"
+    model = load_model(model_dir, dtype=torch.float32)
+    for traj in multi[:4]:
+        ids = torch.tensor(traj.prompt_token_ids + traj.response_token_ids)
+        for version in sorted(set(traj.versions)):
+            missing, unexpected = model.load_state_dict(snapshots[version], strict=False)
+            assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+            with torch.no_grad():
+                logits = model(ids[None])[0, len(traj.prompt_token_ids) - 1 : -1]
+            expected = sampling_logprobs(logits, ids[len(traj.prompt_token_ids) :], recipe.rollout.temperature)
+            where = [i for i, v in enumerate(traj.versions) if v == version]
+            got = torch.tensor([traj.behaviour_logprobs[i] for i in where])
+            assert torch.allclose(got, expected[where], atol=1e-5), (traj.traj_id, version, traj.versions, got, expected)
+
+
+def test_dynamic_sampling_never_trains_zero_variance_groups(ray_session, model_dir, tmp_path):
+    recipe = make_recipe(model_dir, tmp_path / "run", **{"rollout.chunk_tokens": 4, "algorithm.groups_per_step": 4})
+    trainer = GRPOTrainer(recipe)
+    filtered = 0
+    try:
+        for step in (1, 2):
+            trainer.step = step
+            metrics = trainer.train_step()
+            filtered += metrics["rollout/groups_filtered"]
+            for group in trainer.last_groups:
+                correct = sum(r > 0.5 for r in group.rewards)
+                assert 0 < correct < len(group.rewards), group.rewards
+    finally:
+        trainer.close()
+    assert filtered >= 0
+
+
+def test_resume_mid_run_matches_uninterrupted(ray_session, model_dir, tmp_path):
+    over = {"rollout.chunk_tokens": 3, "learner.total_steps": 4, "learner.checkpoint": {"every_steps": 2, "keep_last": 2}}
+    full = train(make_recipe(model_dir, tmp_path / "full", **over))
+    # An interrupted copy: the run as it was after step 2 (checkpoint with trajectories in flight).
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "full", cut, ignore=shutil.ignore_patterns("step_00000004", "final"))
+    state = torch.load(cut / "checkpoints/step_00000002/trainer_state.pt", weights_only=False)
+    assert state["extra"]["loop"]["chunks"]["in_flight"], "the checkpoint should hold partial trajectories"
+    resumed = train(make_recipe(model_dir, cut, **over), resume=True)
+    assert comparable(resumed.history) == comparable([r for r in full.history if r["step"] > 2])
+    rows = [json.loads(line) for line in (cut / "metrics.jsonl").read_text().splitlines()]
+    assert comparable(rows) == comparable(full.history)
+
+
+def test_killed_rollout_worker_loses_no_trajectory(ray_session, model_dir, tmp_path):
+    def batch_tokens(kill: bool):
+        trainer = GRPOTrainer(make_recipe(model_dir, tmp_path / f"kill{kill}", **{"rollout.chunk_tokens": 3}))
+        calls = {"n": 0}
+        generate = trainer.rollout.generate
+
+        def generate_killing_on_round_2(requests, group_of):
+            calls["n"] += 1
+            if kill and calls["n"] == 2:
+                trainer.rollout.kill_worker(0)
+            return generate(requests, group_of)
+
+        trainer.rollout.generate = generate_killing_on_round_2
+        try:
+            trainer.step = 1
+            trainer.train_step()
+            restarts = trainer.rollout.num_restarts
+            tokens = [(t.traj_id, t.response_token_ids) for g in trainer.last_groups for t in g.trajectories]
+        finally:
+            trainer.close()
+        return tokens, restarts, calls["n"]
+
+    clean, _, num_rounds = batch_tokens(kill=False)
+    assert num_rounds >= 2
+    killed, restarts, _ = batch_tokens(kill=True)
+    assert restarts == 1
+    assert killed == clean
