@@ -87,7 +87,7 @@ class LearnerGroup:
 
     def _on_all_ranks(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Call `Learner.method` on every rank; returns rank 0's result."""
-        args = tuple(ray.put(a) if _is_large(a) else a for a in args)
+        args = tuple(ray.put(a) for a in args)  # one copy in the object store, not one per rank
         return ray.get([rank.call.remote(method, *args, **kwargs) for rank in self.ranks])[0]
 
     # The Learner interface ------------------------------------------------------------------
@@ -153,8 +153,3 @@ class LearnerGroup:
         for rank in self.ranks:
             ray.kill(rank)
         self.ranks = []
-
-
-def _is_large(value: Any) -> bool:
-    """Batches go through the object store once instead of once per rank."""
-    return isinstance(value, list | tuple) and len(value) > 8 or hasattr(value, "sequences")

@@ -59,3 +59,26 @@ def test_shard_across_ranks_balances_tokens():
     assert sorted(i for s in shards for i in s) == list(range(6))
     loads = [sum(lengths[i] for i in s) for s in shards]
     assert max(loads) - min(loads) <= 2
+
+
+def test_rl_batch_from_the_rl_loops_groups():
+    from rlcpm.learner import RLBatch
+    from rlcpm.trainer.trajectory import Group, Trajectory
+
+    def trajectory(i, n):
+        t = Trajectory(f"t{i}", "g", [1, 2], seed=i)
+        t.extend(list(range(3, 3 + n)), [-0.5] * n, version=4)
+        t.finish_reason = "stop"
+        return t
+
+    group = Group("g", example=None, trajectories=[trajectory(i, n) for i, n in enumerate((2, 5, 3))])
+    group.rewards, group.loss_mask, group.dropped = [1.0, 0.0, 1.0], [True, False, True], [False, False, True]
+    batch = RLBatch.from_groups([group], [[0.5, -1.0, 0.5]])
+    assert [s.advantage for s in batch.sequences] == [0.5, -1.0, 0.5]
+    assert [s.is_loss_masked for s in batch.sequences] == [
+        False,
+        True,
+        True,
+    ]  # filtered; dropped by the reward pool
+    assert batch.sequences[1].versions == [4] * 5 and batch.sequences[1].behaviour_logprobs == [-0.5] * 5
+    assert (batch.num_loss_tokens, batch.num_loss_sequences) == (2, 1)
