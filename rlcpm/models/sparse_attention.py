@@ -59,8 +59,11 @@ class SparseAttention(AttentionBackend):
     def forward(self, q, k, v, meta, layer_idx, kv_cache=None):
         # Cached per forward (layer-invariant), keyed by the settings it depends on.
         plan = meta.cached(f"infllm_v2_queries:{self.sparse.dense_len}", lambda: self._query_plan(meta))
-        if plan["sparse_rows"] is not None and plan["sparse_rows"].numel() == 0:
-            return self.dense.forward(q, k, v, meta, layer_idx, kv_cache)  # no query reaches dense_len
+        if plan["sparse_rows"] is not None and plan["sparse_rows"].numel() == 0:  # no query reaches dense_len
+            out = self.dense.forward(q, k, v, meta, layer_idx, kv_cache)
+            if kv_cache is not None:  # keep Kc1/Kc2 current for the steps that will be sparse
+                self._update_compressed(meta, layer_idx, kv_cache)
+            return out
         if kv_cache is None:
             out_sparse = self._packed(q, k, v, meta, plan)
         else:
@@ -88,15 +91,7 @@ class SparseAttention(AttentionBackend):
             )
         kv_cache.write(layer_idx, k, v, meta.slot_mapping)
         keys, values = kv_cache.flat(layer_idx)
-        tiers = self._tiers(kv_cache)
-        cfg = self.sparse
-        steps = meta.cached(
-            f"infllm_v2_compression:{cfg.kernel_size}:{cfg.kernel_stride}:{kv_cache.block_size}",
-            lambda: [t.plan(meta.block_tables, meta.context_lens, meta.seq_lens_q) for t in tiers],
-        )
-        for tier, step in zip(tiers, steps):
-            tier.update(layer_idx, keys, step, mean_pool_windows)
-        (kc1, cu1), (kc2, cu2) = (tier.gather(layer_idx, step) for tier, step in zip(tiers, steps))
+        (kc1, cu1), (kc2, cu2) = self._update_compressed(meta, layer_idx, kv_cache)
         layout = KeyLayout.paged(meta.block_tables, kv_cache.block_size)
         is_decode = meta.is_decode and plan["sparse_rows"] is None
         return self._attend(q, keys, values, layout, (kc1, cu1, kc2, cu2), plan, is_decode)
@@ -117,6 +112,20 @@ class SparseAttention(AttentionBackend):
         )
 
     # ------------------------------------------------------------------------- bookkeeping
+
+    def _update_compressed(self, meta, layer_idx, kv_cache):
+        """Compress the windows completed by this step's keys (already in the cache); returns
+        every sequence's packed (Kc1, cu1), (Kc2, cu2)."""
+        tiers = self._tiers(kv_cache)
+        cfg = self.sparse
+        steps = meta.cached(
+            f"infllm_v2_compression:{cfg.kernel_size}:{cfg.kernel_stride}:{kv_cache.block_size}",
+            lambda: [t.plan(meta.block_tables, meta.context_lens, meta.seq_lens_q) for t in tiers],
+        )
+        keys = kv_cache.flat(layer_idx)[0]
+        for tier, step in zip(tiers, steps):
+            tier.update(layer_idx, keys, step, mean_pool_windows)
+        return [tier.gather(layer_idx, step) for tier, step in zip(tiers, steps)]
 
     def _tiers(self, kv_cache: PagedKVCache) -> tuple[PagedCompressedKeys, PagedCompressedKeys]:
         if kv_cache not in self._compressed:

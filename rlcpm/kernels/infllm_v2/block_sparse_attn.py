@@ -48,7 +48,7 @@ def block_sparse_attention_reference(
 ) -> torch.Tensor:
     """q [Tq, Hq, D], k/v [R, Hkv, D], block_idx [Tq, Hkv, K] int -> out [Tq, Hq, D] (q.dtype).
 
-    Softmax in float32; only the selected blocks are gathered.
+    Computed in float32 (float64 inputs stay float64); only the selected blocks are gathered.
     """
     num_q, num_heads, head_dim = q.shape
     num_kv = k.shape[1]
@@ -56,13 +56,14 @@ def block_sparse_attention_reference(
     width = block_idx.shape[-1] * block_size
     chunk = max(1, _CHUNK_ELEMENTS // max(1, num_kv * width * head_dim))
     heads = torch.arange(num_kv, device=q.device)[None, :, None]
+    compute = torch.promote_types(q.dtype, torch.float32)
     outs = []
     for start in range(0, num_q, chunk):
         part = slice(start, start + chunk)
         pos, valid = selected_key_positions(block_idx[part], q_pos[part], block_size)
         rows = layout.rows(q_seq[part, None, None], pos)  # [c, Hkv, N]
-        keys, values = k[rows, heads].float(), v[rows, heads].float()  # [c, Hkv, N, D]
-        q4 = q[part].float().view(-1, num_kv, group, head_dim)
+        keys, values = k[rows, heads].to(compute), v[rows, heads].to(compute)  # [c, Hkv, N, D]
+        q4 = q[part].to(compute).view(-1, num_kv, group, head_dim)
         scores = torch.einsum("chgd,chnd->chgn", q4, keys) * scale
         probs = torch.softmax(scores.masked_fill(~valid[:, :, None], float("-inf")), dim=-1)
         out = torch.einsum("chgn,chnd->chgd", probs, values)
