@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from rlcpm.kernels.infllm_v2.block_sparse_attn_triton import TilePlan, launch_forward, merge_splits
+from rlcpm.kernels.infllm_v2.block_sparse_fwd_triton import TilePlan, launch_forward, merge_splits
 from rlcpm.kernels.infllm_v2.layout import KeyLayout
 from rlcpm.kernels.triton_utils import check_inputs
 
