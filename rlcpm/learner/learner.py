@@ -15,7 +15,7 @@ the same on every rank.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -33,24 +33,19 @@ from rlcpm.errors import TrainingError
 from rlcpm.learner import checkpoint as ckpt
 from rlcpm.learner.batch import PreferencePair, RLBatch, SFTSequence
 from rlcpm.learner.distributed import all_gather_objects, all_reduce_max, is_distributed, shard_model
-from rlcpm.learner.dpo import dpo_loss
 from rlcpm.learner.lora import adapter_state, apply_lora, merged_named_tensors
-from rlcpm.learner.losses import policy_loss
 from rlcpm.learner.model_source import resolve_model_dir
+from rlcpm.learner.objectives import LossFn, dpo_objective, flatten_pairs, grpo_objective, sft_objective
 from rlcpm.learner.optim import build_optimizer, clip_gradients
 from rlcpm.learner.packing import PackedMicroBatch, placeholder_micro_batch, plan_micro_batches
 from rlcpm.learner.policy_head import PolicyWithLogprobHead, SamplingSpec
 from rlcpm.learner.reference import ReferencePolicy
 from rlcpm.learner.schedules import build_lr_scheduler
-from rlcpm.learner.sft import sft_loss
 from rlcpm.learner.step_stats import StepStats
 from rlcpm.learner.weights import DEFAULT_BUCKET_BYTES, NamedTensors, iter_weight_buckets
 from rlcpm.models import load_model
 from rlcpm.models.checkpoint import checkpoint_files
 from rlcpm.quant import prepare_qat, quantized_named_tensors, save_ternary_model, with_rewarmup
-
-# (micro-batch, logprobs [N], entropy [N]) -> (loss, stats)
-LossFn = Callable[[PackedMicroBatch, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict]]
 
 
 class Learner:
@@ -204,52 +199,18 @@ class Learner:
         return metrics
 
     def _update_policy(self, batch: RLBatch) -> StepStats:
-        algo = self.algorithm
-        sequences = batch.sequences
-        kept = {i for i, s in enumerate(sequences) if not s.is_loss_masked and s.response_token_ids}
-        num_tokens, num_sequences = batch.num_loss_tokens, batch.num_loss_sequences
-        use_kl = algo.kl_coef > 0 and algo.kl_in == "loss"
-        behaviour = [s.behaviour_logprobs for s in sequences]
-        ref = [s.ref_logprobs for s in sequences] if use_kl else None
-
-        def loss_fn(mb: PackedMicroBatch, logprobs: torch.Tensor, entropy: torch.Tensor):
-            advantages = torch.tensor(
-                [sequences[i].advantage for i in mb.sequence_ids], device=logprobs.device
-            )
-            return policy_loss(
-                mb.to_padded(logprobs),
-                mb.gather(behaviour).to(logprobs.device),
-                advantages,
-                mb.response_mask().to(logprobs.device),
-                eps_low=algo.eps_low,
-                eps_high=algo.eps_high,
-                dual_clip=algo.dual_clip,
-                agg=algo.loss_agg,
-                ref_logprobs=mb.gather(ref).to(logprobs.device) if ref is not None else None,
-                kl_coef=algo.kl_coef if use_kl else 0.0,
-                kl_estimator=algo.kl_estimator,
-                entropy=mb.to_padded(entropy),
-                entropy_coef=algo.entropy_coef,
-                ratio_level=algo.ratio_level,
-                num_tokens=num_tokens,
-                num_sequences=num_sequences,
-            )
-
-        prompts = [s.prompt_token_ids for s in sequences]
-        responses = [s.response_token_ids if i in kept else [] for i, s in enumerate(sequences)]
-        return self._update(prompts, responses, None, loss_fn, self.rollout_sampling)
+        """One optimizer update on `batch`; loss-masked responses are not even packed."""
+        prompts = [s.prompt_token_ids for s in batch.sequences]
+        responses = [[] if s.is_loss_masked else s.response_token_ids for s in batch.sequences]
+        return self._update(
+            prompts, responses, None, grpo_objective(self.algorithm, batch), self.rollout_sampling
+        )
 
     def sft_step(self, examples: Sequence[SFTSequence]) -> dict[str, float]:
         """One optimizer update of the SFT loss (NLL of response tokens, token mean over the batch)."""
         prompts = [e.prompt_token_ids for e in examples]
         responses = [e.response_token_ids for e in examples]
-        num_tokens = sum(len(r) for r in responses)
-
-        def loss_fn(mb, logprobs, entropy):
-            return sft_loss(
-                mb.to_padded(logprobs), mb.response_mask().to(logprobs.device), num_tokens=num_tokens
-            )
-
+        loss_fn = sft_objective(num_tokens=sum(len(r) for r in responses))
         return self._finish_step(self._update(prompts, responses, None, loss_fn, SamplingSpec()))
 
     def dpo_step(self, pairs: Sequence[PreferencePair]) -> dict[str, float]:
@@ -259,36 +220,14 @@ class Learner:
             raise TrainingError(f"dpo_step needs algorithm dpo, the recipe has {algo.name!r}")
         missing = [p for p in pairs if p.ref_chosen_logp is None or p.ref_rejected_logp is None]
         if missing:
-            ref = self.sequence_logprobs(*_flatten_pairs(missing), reference=self.reference is not None)
+            ref = self.sequence_logprobs(*flatten_pairs(missing), reference=self.reference is not None)
             for pair, chosen, rejected in zip(missing, ref[0::2], ref[1::2]):
                 pair.ref_chosen_logp, pair.ref_rejected_logp = chosen, rejected
-        prompts, responses = _flatten_pairs(pairs)
-        units = [[2 * i, 2 * i + 1] for i in range(len(pairs))]
-
-        def loss_fn(mb, logprobs, entropy):
-            sequence_logps = mb.to_padded(logprobs).sum(dim=-1)  # [2P'] chosen, rejected, chosen, ...
-            pair_ids = mb.sequence_ids[0::2]
-            ref = torch.tensor(
-                [[pairs[i // 2].ref_chosen_logp, pairs[i // 2].ref_rejected_logp] for i in pair_ids],
-                device=logprobs.device,
-            )
-            lengths = torch.tensor(
-                [len(responses[i]) for i in mb.sequence_ids], device=logprobs.device
-            ).float()
-            return dpo_loss(
-                sequence_logps[0::2],
-                sequence_logps[1::2],
-                ref[:, 0],
-                ref[:, 1],
-                beta=algo.beta,
-                loss_type=algo.loss_type,
-                label_smoothing=algo.label_smoothing,
-                chosen_lengths=lengths[0::2],
-                rejected_lengths=lengths[1::2],
-                num_pairs=len(pairs),
-            )
-
-        return self._finish_step(self._update(prompts, responses, units, loss_fn, SamplingSpec()))
+        prompts, responses = flatten_pairs(pairs)
+        units = [[2 * i, 2 * i + 1] for i in range(len(pairs))]  # a pair shares its micro-batch
+        return self._finish_step(
+            self._update(prompts, responses, units, dpo_objective(algo, pairs), SamplingSpec())
+        )
 
     def _plan(self, prompts, responses, units=None) -> list[PackedMicroBatch]:
         """This rank's micro-batches, padded with placeholders to the same count on every rank."""
@@ -439,15 +378,6 @@ class Learner:
         from rlcpm.learner.distributed import destroy_process_group
 
         destroy_process_group()
-
-
-def _flatten_pairs(pairs: Sequence[PreferencePair]) -> tuple[list[list[int]], list[list[int]]]:
-    """[(x, y_w, y_l)] -> prompts [x, x, ...], responses [y_w, y_l, ...] (chosen at even indices)."""
-    prompts, responses = [], []
-    for pair in pairs:
-        prompts += [pair.prompt_token_ids, pair.prompt_token_ids]
-        responses += [pair.chosen_token_ids, pair.rejected_token_ids]
-    return prompts, responses
 
 
 def _resolve_device(device: str) -> torch.device:
