@@ -26,7 +26,7 @@ import torch
 from rlcpm.config import GRPOConfig, Recipe
 from rlcpm.data import load_examples
 from rlcpm.errors import TrainingError
-from rlcpm.learner import RLBatch, compute_advantages
+from rlcpm.learner import RLBatch, compute_advantages, kl_penalized_rewards
 from rlcpm.learner.checkpoint import checkpoint_path, latest_checkpoint, prune_checkpoints
 from rlcpm.learner.model_source import resolve_model_dir
 from rlcpm.monitor import Monitor, setup_logging
@@ -141,8 +141,12 @@ class GRPOTrainer:
             log.warning("step %d: no group with a learning signal after over-sampling; skipping the update", self.step)
             return {**metrics, "train/skipped": 1.0, "perf/step_time_s": time.perf_counter() - start}
         rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)  # [N, G]
+        batch = RLBatch.from_groups(groups, torch.zeros_like(rewards))
+        if self.algo.kl_coef > 0 and self.algo.kl_in == "reward":
+            rewards, metrics["train/kl_penalty_mean"] = self._kl_penalized(batch, rewards)
         advantages = compute_advantages(rewards, self.algo.advantage, self.algo.std_eps)  # [N, G]
-        batch = RLBatch.from_groups(groups, advantages)
+        for seq, advantage in zip(batch.sequences, advantages.flatten().tolist()):
+            seq.advantage = advantage
         learn_start = time.perf_counter()
         metrics.update(self.learner.train_step(batch))
         metrics["perf/learn_time_s"] = time.perf_counter() - learn_start
@@ -152,6 +156,23 @@ class GRPOTrainer:
         if self.recipe.logging.samples_every and self.step % self.recipe.logging.samples_every == 0:
             self.monitor.log_samples(self.step, self._sample_rows(groups))
         return metrics
+
+    def _kl_penalized(self, batch: RLBatch, rewards: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """KL as a reward penalty (algorithm.kl_in: reward): R_i - beta * sum_t KL_t, before advantages."""
+        ref = self.learner.compute_logprobs(batch, reference=True)
+        for seq, ref_logprobs in zip(batch.sequences, ref):
+            seq.ref_logprobs = ref_logprobs
+        width = max(1, max(len(s.response_token_ids) for s in batch.sequences))
+        behaviour, ref_padded, mask = (torch.zeros(len(batch), width) for _ in range(3))
+        for i, seq in enumerate(batch.sequences):
+            n = len(seq.response_token_ids)
+            behaviour[i, :n] = torch.tensor(seq.behaviour_logprobs)
+            ref_padded[i, :n] = torch.tensor(seq.ref_logprobs)
+            mask[i, :n] = 1.0
+        flat = kl_penalized_rewards(
+            rewards.flatten(), behaviour, ref_padded, mask, self.algo.kl_coef, self.algo.kl_estimator
+        )
+        return flat.view_as(rewards), float((rewards.flatten() - flat).mean())
 
     def collect_groups(self) -> tuple[list[Group], dict[str, float]]:
         """Generation rounds until B holds N groups (or over-sampling hits its bound).
