@@ -3,7 +3,7 @@
     python -m benchmarks.reward_throughput                  # defaults below
     python -m benchmarks.reward_throughput --programs 128 --pool-sizes 1 2 4 8
 
-Code: each program is a small solution (half correct, half wrong) with 3 assert tests, scored by
+Code: each program is a small solution (3 in 4 correct; `2 * x` passes 1 of the 3 asserts), scored by
 `rlcpm.rewards.code.score`; one sandbox run per program (load + 3 test units). Measured two ways:
   sandbox   code.score_many with N concurrent sandboxes (threads in this process)
   ray pool  RewardPool([{name: code}], num_workers=N): N Ray actors (actor start-up not timed)
@@ -30,7 +30,7 @@ TESTS = ["assert solve(2) == 4", "assert solve(5) == 25", "assert solve(-3) == 9
 
 
 def code_programs(count: int, seed: int = 0) -> list[str]:
-    """Half correct (x * x, x ** 2), half wrong (2 * x), each a response with a fenced block."""
+    """Responses with a fenced `solve`: x * x, x ** 2, abs(x) * abs(x) (correct) or 2 * x (wrong)."""
     rng = random.Random(seed)
     bodies = ["return x * x", "return x ** 2", "return 2 * x", "return abs(x) * abs(x)"]
     return [f"Here you go:\n```python\ndef solve(x):\n    {rng.choice(bodies)}\n```" for _ in range(count)]
