@@ -73,13 +73,13 @@ def test_triton_kernel_matches_reference_float32(triton_matmul, shape):
 def test_triton_kernel_tiles_and_strides(triton_matmul):
     """Explicit small tiles (several K iterations, partial last tile) and a non-contiguous x."""
     for k in (160, 512):  # per-element and group-dot schedules
-        x, packed, scales, _ = _operands(20, 36, k, 32, seed=7)
-        expected = ternary_matmul_reference(x, packed, scales, 32)
+        x, packed, scales, bias = _operands(20, 36, k, 32, seed=7, bias=True)
+        expected = ternary_matmul_reference(x, packed, scales, 32, bias)
         for config in (
             {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_J": 32},
             {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_J": 64},
         ):
-            out = triton_matmul(x, packed, scales, 32, config=config)
+            out = triton_matmul(x, packed, scales, 32, bias, config=config)
             torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-4)
         x_strided = torch.randn(k, 20).T  # stride (1, 20)
         out = triton_matmul(x_strided, packed, scales, 32)

@@ -134,13 +134,14 @@ def uses_group_dots(in_features: int, group_size: int) -> bool:
 
 
 def _launch_config(num_rows: int, dtype: torch.dtype) -> dict[str, int]:
-    """Tile sizes: small BLOCK_M for decode batches, wider tiles when M is large (float32 tiles are
-    twice as large in shared memory, so they stay smaller)."""
+    """Tile sizes, from a sweep on an H100 (benchmarks/ternary.py --gpu --sweep): BLOCK_M 16 for
+    decode batches, 64 x 128 tiles above; float32 tiles take twice the shared memory, so they
+    stay small (227 KiB per block on Hopper)."""
+    if dtype == torch.float32:
+        return {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_J": 32, "num_warps": 4, "num_stages": 2}
     if num_rows <= 16:
-        return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_J": 128, "num_warps": 4, "num_stages": 4}
-    if num_rows <= 64 or dtype == torch.float32:
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_J": 64, "num_warps": 4, "num_stages": 3}
-    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_J": 64, "num_warps": 8, "num_stages": 2}
+        return {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_J": 64, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_J": 32, "num_warps": 4, "num_stages": 3}
 
 
 def ternary_matmul_triton(
