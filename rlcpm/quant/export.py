@@ -27,6 +27,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from rlcpm.errors import CheckpointError
+from rlcpm.kernels.ternary import pack_ternary
+from rlcpm.quant.bitlinear import BitLinear
 from rlcpm.quant.qat import qat_group_sizes, replace_module
 from rlcpm.quant.ternary import quantize
 from rlcpm.quant.ternary_linear import TernaryLinear
@@ -60,8 +62,6 @@ def ternary_tensors(
     named_tensors: Iterable[tuple[str, torch.Tensor]], group_sizes: dict[str, int], dtype: torch.dtype | None
 ) -> dict[str, torch.Tensor]:
     """(name, latent tensor) -> the checkpoint's tensors: packed codes + scales for `group_sizes` names."""
-    from rlcpm.kernels.ternary import pack_ternary
-
     out: dict[str, torch.Tensor] = {}
     for name, tensor in named_tensors:
         tensor = tensor.detach().to("cpu")
@@ -160,8 +160,6 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path, max_shard_b
 @torch.no_grad()
 def convert_to_ternary(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """In place: every BitLinear -> a TernaryLinear holding its packed W_q (scales in `dtype`)."""
-    from rlcpm.quant.bitlinear import BitLinear
-
     for name, module in list(model.named_modules()):
         if isinstance(module, BitLinear):
             replace_module(

@@ -20,6 +20,8 @@ PROMPTS = [[5, 17, 42, 8], [99, 3, 61], [7, 7, 120, 33, 2]]
 
 @pytest.fixture
 def make_learner(tiny_model_dir, tmp_path):
+    """make_learner(overrides) -> a Learner (SFT, QAT with g = 32) on the tiny model."""
+
     def make(overrides: dict | None = None) -> Learner:
         base = {
             "seed": 0,
