@@ -123,7 +123,10 @@ class MirroredDecodeAttention(DenseAttention):
         num_decode = self.num_decode
         if kv_cache is None or num_decode == 0:
             return super().forward(q, k, v, meta, layer_idx, kv_cache)
-        kv_cache.write(layer_idx, k[:num_decode], v[:num_decode], meta.slot_mapping[:num_decode])
+        k_slots, v_slots = kv_cache.flat(layer_idx)  # decode slots are never -1: no filtering needed
+        slots = meta.slot_mapping[:num_decode]
+        k_slots.index_copy_(0, slots, k[:num_decode].to(k_slots.dtype))
+        v_slots.index_copy_(0, slots, v[:num_decode].to(v_slots.dtype))
         k_rows, v_rows = self.mirror[0, layer_idx], self.mirror[1, layer_idx]  # [R, Hkv, cap, D]
         k_rows[self._rows, :, self._positions] = k[:num_decode].to(k_rows.dtype)
         v_rows[self._rows, :, self._positions] = v[:num_decode].to(v_rows.dtype)

@@ -6,8 +6,9 @@ actually sampled from, and the learner recomputes the same quantity with the sam
     logprob(token) = log_softmax(filter(logits / temperature))[token]
 
 where ``filter`` keeps the top-k logits (ties at the k-th value are kept), then the top-p
-nucleus of what is left (renormalised): sorted by probability, a token is kept when the mass
-*before* it is < top_p, so the most likely token is always kept. top_k <= 0 and top_p >= 1
+nucleus of what is left (renormalised): a token is kept when the probability mass of the
+tokens strictly more likely than it is < top_p, so the most likely token is always kept
+(tied tokens are kept or dropped together). top_k <= 0 and top_p >= 1
 disable the filters; with both disabled this is plain ``log_softmax(logits / temperature)``.
 Greedy decoding (temperature 0) takes the argmax and records ``log_softmax(logits)``.
 
@@ -94,7 +95,14 @@ def filter_logits(
     """Top-k then top-p (nucleus) filtering; removed entries become -inf.
 
     logits: [N, V] (already divided by the temperature); top_k, top_p: scalars or [N].
-    Rows with top_k <= 0 and top_p >= 1 come back unchanged, whatever the other rows ask.
+    top-k keeps the logits >= the k-th largest; top-p then keeps a token when the mass (under
+    the top-k-renormalised distribution) of the tokens strictly more likely than it is < top_p.
+    Both rules are thresholds on the logit, so tied tokens are kept or dropped together and
+    the result does not depend on any sort order. Rows with top_k <= 0 and top_p >= 1 come
+    back unchanged, whatever the other rows ask.
+
+    Only a window of the largest logits is sorted (``topk``), grown while some row's nucleus
+    may extend past it; the full vocabulary is sorted only in the worst case.
     """
     num_rows, vocab = logits.shape
     k = _as_column(top_k, num_rows, torch.long)
@@ -103,15 +111,31 @@ def filter_logits(
     use_p = p < 1
     if not bool(use_k.any() or use_p.any()):
         return logits
-    sorted_logits, sorted_idx = logits.sort(dim=-1, descending=True, stable=True)  # [N, V]
-    kth = sorted_logits.gather(1, (k.clamp(1, vocab) - 1))  # [N, 1]
-    keep_sorted = ~use_k | (sorted_logits >= kth)
-    masked = sorted_logits.masked_fill(~keep_sorted, float("-inf"))
-    probs = masked.softmax(dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs
-    keep_sorted &= ~use_p | (mass_before < p)
-    keep = torch.empty_like(keep_sorted).scatter_(1, sorted_idx, keep_sorted)
-    return logits.masked_fill(~keep, float("-inf"))
+    window = min(vocab, max(int(k[use_k].max()) if bool(use_k.any()) else 1, 64 if bool(use_p.any()) else 1))
+    while True:
+        values = logits.topk(window, dim=-1).values  # [N, W], descending
+        kth = values.gather(1, (k.clamp(1, window) - 1))
+        threshold = torch.where(use_k, kth, float("-inf"))  # [N, 1]
+        if not bool(use_p.any()):
+            break
+        top = values[:, :1]
+        # normaliser over every token the top-k rule keeps (vocabulary order: ties included)
+        norm = (logits - top).exp_().masked_fill_(logits < threshold, 0.0).sum(dim=-1, keepdim=True)
+        probs = (values - top).exp_().masked_fill_(values < threshold, 0.0) / norm  # [N, W]
+        mass_before = probs.cumsum(dim=-1) - probs
+        positions = torch.arange(window, device=logits.device).expand(num_rows, window)
+        is_group_start = torch.ones_like(values, dtype=torch.bool)
+        is_group_start[:, 1:] = values[:, 1:] != values[:, :-1]
+        group_start = torch.where(is_group_start, positions, 0).cummax(dim=-1).values
+        mass_strictly_above = mass_before.gather(1, group_start)
+        keep = (mass_strictly_above < p) & (values >= threshold)
+        if window < vocab and bool((use_p & keep[:, -1:]).any()):
+            window = min(vocab, window * 8)  # the nucleus may reach past the window
+            continue
+        cut = values.masked_fill(~keep, float("inf")).min(dim=-1, keepdim=True).values
+        threshold = torch.where(use_p, torch.maximum(threshold, cut), threshold)
+        break
+    return logits.masked_fill(logits < threshold, float("-inf"))
 
 
 def _scale(logits: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
@@ -122,11 +146,6 @@ def _scale(logits: torch.Tensor, temperature: torch.Tensor | float) -> torch.Ten
         t = _as_column(temperature, logits.shape[0], torch.float32)
         return logits.float() / torch.where(t == 0, torch.ones_like(t), t)
     return logits.float() if temperature in (0, 1) else logits.float() / temperature
-
-
-def _is_filtering(top_k: torch.Tensor | int, top_p: torch.Tensor | float, vocab_size: int) -> bool:
-    k = torch.as_tensor(top_k)
-    return bool(((k > 0) & (k < vocab_size)).any() or (torch.as_tensor(top_p) < 1).any())
 
 
 def sampling_log_distribution(
@@ -146,8 +165,7 @@ def sampling_log_distribution(
     if bool(is_greedy.any()):
         top_k = torch.where(is_greedy, -1, _as_column(top_k, num_rows, torch.long)).squeeze(1)
         top_p = torch.where(is_greedy, 1.0, _as_column(top_p, num_rows, torch.float32)).squeeze(1)
-    filtered = filter_logits(scaled, top_k, top_p)
-    return filtered - filtered.logsumexp(dim=-1, keepdim=True)  # log_softmax, spelled as in sampling_logprobs
+    return filter_logits(scaled, top_k, top_p).log_softmax(dim=-1)
 
 
 def sampling_logprobs(
@@ -161,18 +179,11 @@ def sampling_logprobs(
 
     logits: [..., V] (any dtype; computed in float32); token_ids: [...] -> float32 [...].
     temperature / top_k / top_p: scalars, or tensors with one value per row of the flattened
-    leading dims. temperature 0 (greedy) gives ``log_softmax(logits)[token]``. Without
-    filtering this is computed as ``z[token] - logsumexp(z)``, z = logits / temperature (the
-    same number as the log-softmax, without materialising [N, V] log-probs).
+    leading dims. temperature 0 (greedy) gives ``log_softmax(logits)[token]``.
     """
     flat = logits.reshape(-1, logits.shape[-1])
-    targets = token_ids.reshape(-1, 1)
-    if not _is_filtering(top_k, top_p, flat.shape[-1]):
-        scaled = _scale(flat, temperature)  # [N, V]
-        picked = scaled.gather(1, targets) - scaled.logsumexp(dim=-1, keepdim=True)
-        return picked.reshape(token_ids.shape)
     log_dist = sampling_log_distribution(flat, temperature, top_k, top_p)  # [N, V]
-    return log_dist.gather(1, targets).reshape(token_ids.shape)
+    return log_dist.gather(1, token_ids.reshape(-1, 1)).reshape(token_ids.shape)
 
 
 # --------------------------------------------------------------------------- counter-based RNG
@@ -225,15 +236,44 @@ class SamplingBatch:
         )
 
 
+_CDF_BLOCK = 256
+
+
+def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Per row, the first index whose cumulative probability exceeds u * total.
+
+    probs: [N, V] (>= 0, not necessarily normalised); uniforms: float64 [N] in [0, 1) -> [N].
+    Two levels, so no sequential scan runs over the whole vocabulary: float64 sums of blocks of
+    256 entries pick the block, a cumulative sum inside that block picks the entry. Zero-
+    probability entries are never returned.
+    """
+    num_rows, vocab = probs.shape
+    pad = -vocab % _CDF_BLOCK
+    if pad:
+        probs = torch.nn.functional.pad(probs, (0, pad))
+    blocks = probs.view(num_rows, -1, _CDF_BLOCK)  # [N, nb, B]
+    block_cdf = blocks.sum(dim=-1, dtype=torch.float64).cumsum(dim=-1)  # [N, nb]
+    targets = (uniforms.to(block_cdf.device) * block_cdf[:, -1]).unsqueeze(1)  # [N, 1]
+    block = torch.searchsorted(block_cdf, targets, right=True).clamp_(max=blocks.shape[1] - 1)  # [N, 1]
+    mass_before = torch.where(block > 0, block_cdf.gather(1, (block - 1).clamp(min=0)), 0.0)
+    rows = torch.arange(num_rows, device=probs.device)
+    inside = blocks[rows, block.squeeze(1)]  # [N, B]
+    inside_cdf = mass_before + inside.cumsum(dim=-1, dtype=torch.float64)
+    offset = torch.searchsorted(inside_cdf, targets, right=True).squeeze(1)
+    last_positive = _CDF_BLOCK - 1 - (inside > 0).flip(-1).int().argmax(dim=-1)  # rounding guard
+    return block.squeeze(1) * _CDF_BLOCK + torch.minimum(offset, last_positive)
+
+
 def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one token per row and its behaviour log-prob: logits [N, V] -> (ids [N], logprobs [N])."""
+    """Draw one token per row and its behaviour log-prob: logits [N, V] -> (ids [N], logprobs [N]).
+
+    The log-prob is read from ``sampling_log_distribution`` (so it is ``sampling_logprobs``).
+    """
+    log_dist = sampling_log_distribution(logits, batch.temperature, batch.top_k, batch.top_p)  # [N, V]
     if batch.is_all_greedy:
         token_ids = logits.argmax(dim=-1)
-        return token_ids, sampling_logprobs(logits, token_ids, batch.temperature, batch.top_k, batch.top_p)
-    log_dist = sampling_log_distribution(logits, batch.temperature, batch.top_k, batch.top_p)  # [N, V]
-    cdf = log_dist.exp().cumsum(dim=-1, dtype=torch.float64)  # [N, V], vocabulary order
-    uniforms = torch.from_numpy(counter_uniforms(batch.seeds, batch.counters)).to(cdf.device)
-    targets = (uniforms * cdf[:, -1]).unsqueeze(1)
-    sampled = torch.searchsorted(cdf, targets, right=True).squeeze(1).clamp_(max=logits.shape[-1] - 1)
-    token_ids = torch.where(batch.temperature.to(sampled.device) == 0, logits.argmax(dim=-1), sampled)
+    else:
+        uniforms = torch.from_numpy(counter_uniforms(batch.seeds, batch.counters))
+        sampled = inverse_cdf(log_dist.exp(), uniforms)
+        token_ids = torch.where(batch.temperature.to(sampled.device) == 0, logits.argmax(dim=-1), sampled)
     return token_ids, log_dist.gather(1, token_ids[:, None]).squeeze(1)

@@ -16,6 +16,7 @@ from rlcpm.rollout.sampling import (
     SamplingParams,
     counter_uniforms,
     filter_logits,
+    inverse_cdf,
     sample,
     sampling_logprobs,
 )
@@ -60,6 +61,23 @@ def test_filter_top_k_keeps_ties_and_top_p_keeps_mass_before_p():
     logits = torch.log(torch.tensor([[0.6, 0.3, 0.1]] * 3))
     out = filter_logits(logits, top_k=-1, top_p=torch.tensor([0.6, 0.61, 0.95]))
     assert torch.isfinite(out).sum(dim=1).tolist() == [1, 2, 3]
+    # tied tokens are kept together: nothing is strictly more likely than any of the three 1.0s
+    out = filter_logits(torch.tensor([[1.0, 0.0, 1.0, 1.0]]), top_k=-1, top_p=0.5)
+    assert torch.isfinite(out).tolist() == [[True, False, True, True]]
+
+
+def test_top_p_nucleus_reaching_past_the_sorted_window_is_exact():
+    # a flat distribution over 1000 tokens: the 0.9 nucleus needs ~900 tokens (> the first window)
+    generator = torch.Generator().manual_seed(0)
+    logits = 0.01 * torch.randn(3, 1000, generator=generator)
+    kept = torch.isfinite(filter_logits(logits, top_k=-1, top_p=0.9))
+    for row in range(3):
+        probs = torch.softmax(logits[row].double(), -1)
+        order = probs.argsort(descending=True)
+        mass_before = probs[order].cumsum(0) - probs[order]
+        expected = torch.zeros(1000, dtype=torch.bool)
+        expected[order[mass_before < 0.9]] = True
+        assert torch.equal(kept[row], expected)
 
 
 def test_sampling_logprobs_plain_and_greedy_definitions():
@@ -161,3 +179,19 @@ def test_greedy_takes_argmax_and_records_plain_log_softmax():
 def test_invalid_sampling_params_raise_request_error(kwargs, match):
     with pytest.raises(RequestError, match=match):
         SamplingParams(**kwargs).validate(vocab_size=100)
+
+
+def test_two_level_inverse_cdf_equals_a_full_cumulative_sum_and_skips_zero_mass():
+    generator = torch.Generator().manual_seed(4)
+    probs = torch.rand(64, 1000, generator=generator) ** 4  # 1000: not a multiple of the block size
+    probs[probs < 0.2] = 0.0  # many zero-probability entries, whole zero blocks too
+    probs[:, 256:512] = 0.0
+    uniforms = torch.rand(64, generator=generator, dtype=torch.float64)
+    cdf = probs.double().cumsum(dim=-1)
+    expected = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True).squeeze(1)
+    got = inverse_cdf(probs, uniforms)
+    assert got.tolist() == expected.tolist()
+    assert bool((probs.gather(1, got[:, None]) > 0).all())
+    edge = inverse_cdf(probs, torch.full((64,), 1 - 2**-53, dtype=torch.float64))  # u -> 1
+    last_positive = [max(i for i in range(1000) if row[i] > 0) for row in probs.tolist()]
+    assert edge.tolist() == last_positive
