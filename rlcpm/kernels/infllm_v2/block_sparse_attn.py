@@ -57,16 +57,22 @@ def block_sparse_attention_reference(
     chunk = max(1, _CHUNK_ELEMENTS // max(1, num_kv * width * head_dim))
     heads = torch.arange(num_kv, device=q.device)[None, :, None]
     compute = torch.promote_types(q.dtype, torch.float32)
+    k_rows, v_rows = k.reshape(-1, head_dim), v.reshape(-1, head_dim)  # row r, head h -> r * Hkv + h
     outs = []
     for start in range(0, num_q, chunk):
         part = slice(start, start + chunk)
         pos, valid = selected_key_positions(block_idx[part], q_pos[part], block_size)
-        rows = layout.rows(q_seq[part, None, None], pos)  # [c, Hkv, N]
-        keys, values = k[rows, heads].to(compute), v[rows, heads].to(compute)  # [c, Hkv, N, D]
+        index = layout.rows(q_seq[part, None, None], pos) * num_kv + heads  # [c, Hkv, N]
+        # Gather in token order, heads adjacent ([c, N, Hkv]): both heads' rows stream through
+        # memory together (2-3x faster than one head after the other on CPU).
+        index = index.transpose(1, 2).flatten()
+        shape = (pos.shape[0], pos.shape[2], num_kv, head_dim)
+        keys = k_rows.index_select(0, index).view(shape).transpose(1, 2).to(compute)  # [c, Hkv, N, D]
+        values = v_rows.index_select(0, index).view(shape).transpose(1, 2).to(compute)
         q4 = q[part].to(compute).view(-1, num_kv, group, head_dim)
-        scores = torch.einsum("chgd,chnd->chgn", q4, keys) * scale
+        scores = torch.matmul(q4, keys.transpose(-1, -2)) * scale  # [c, Hkv, G, N]
         probs = torch.softmax(scores.masked_fill(~valid[:, :, None], float("-inf")), dim=-1)
-        out = torch.einsum("chgn,chnd->chgd", probs, values)
+        out = torch.matmul(probs, values)  # [c, Hkv, G, D]
         outs.append(out.reshape(-1, num_heads, head_dim).to(q.dtype))
     if not outs:
         return q.new_empty(q.shape)

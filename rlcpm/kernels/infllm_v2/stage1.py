@@ -35,6 +35,8 @@ def _pad_rows(
     x: torch.Tensor, seq: torch.Tensor, index: torch.Tensor, num_seqs: int, width: int
 ) -> torch.Tensor:
     """Scatter rows x [n, ...] to a zero-padded [num_seqs, width, ...] at (seq, index)."""
+    if num_seqs == 1 and x.shape[0] == width:  # one sequence, rows in order: nothing to pad
+        return x[None]
     out = x.new_zeros(num_seqs, width, *x.shape[1:])
     out[seq, index] = x
     return out
