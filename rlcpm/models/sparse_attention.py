@@ -22,6 +22,7 @@ cannot). A batch with no sparse query is handed to the dense backend unchanged.
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 
 import torch
 
@@ -42,6 +43,25 @@ from rlcpm.models.kv_cache import PagedKVCache
 from rlcpm.models.metadata import AttentionMetadata
 
 
+@dataclass
+class QueryPlan:
+    """Which query tokens of one forward take the sparse path (layer-invariant, built once)."""
+
+    q_seq: torch.Tensor  # [Ts] sequence of each sparse query
+    q_pos: torch.Tensor  # [Ts] its absolute position
+    sparse_rows: torch.Tensor | None = None  # their rows among all queries; None: every row
+    dense_rows: torch.Tensor | None = None  # the other rows: a prefix of each sequence's queries
+    dense_meta: AttentionMetadata | None = None  # metadata of the dense rows as their own batch
+
+    @property
+    def is_all_sparse(self) -> bool:
+        return self.sparse_rows is None
+
+    @property
+    def is_all_dense(self) -> bool:
+        return self.sparse_rows is not None and self.sparse_rows.numel() == 0
+
+
 class SparseAttention(AttentionBackend):
     """InfLLM v2 attention; see the module docstring."""
 
@@ -59,7 +79,7 @@ class SparseAttention(AttentionBackend):
     def forward(self, q, k, v, meta, layer_idx, kv_cache=None):
         # Cached per forward (layer-invariant), keyed by the settings it depends on.
         plan = meta.cached(f"infllm_v2_queries:{self.sparse.dense_len}", lambda: self._query_plan(meta))
-        if plan["sparse_rows"] is not None and plan["sparse_rows"].numel() == 0:  # no query reaches dense_len
+        if plan.is_all_dense:  # no query reaches dense_len
             out = self.dense.forward(q, k, v, meta, layer_idx, kv_cache)
             if kv_cache is not None:  # keep Kc1/Kc2 current for the steps that will be sparse
                 self._update_compressed(meta, layer_idx, kv_cache)
@@ -68,23 +88,20 @@ class SparseAttention(AttentionBackend):
             out_sparse = self._packed(q, k, v, meta, plan)
         else:
             out_sparse = self._paged(q, k, v, meta, layer_idx, kv_cache, plan)
-        if plan["sparse_rows"] is None:  # every query is sparse
+        if plan.is_all_sparse:
             return out_sparse
-        dense_rows, dense_meta = plan["dense_rows"], plan["dense_meta"]
-        out_dense = self.dense.forward(
-            q[dense_rows], k[dense_rows], v[dense_rows], dense_meta, layer_idx, kv_cache
-        )
-        out = torch.zeros_like(q).index_copy(0, plan["sparse_rows"], out_sparse)
-        return out.index_copy(0, dense_rows, out_dense)
+        rows = plan.dense_rows
+        out_dense = self.dense.forward(q[rows], k[rows], v[rows], plan.dense_meta, layer_idx, kv_cache)
+        return torch.zeros_like(q).index_copy(0, plan.sparse_rows, out_sparse).index_copy(0, rows, out_dense)
 
-    def _packed(self, q, k, v, meta, plan):
+    def _packed(self, q, k, v, meta, plan: QueryPlan):
         cfg = self.sparse
         cu = meta.cu_seqlens_q
         kc1, cu1 = compress_keys(k, cu, cfg.kernel_size, cfg.kernel_stride)
         kc2, cu2 = compress_keys(k, cu, cfg.coarse_kernel_size, cfg.coarse_kernel_stride)
         return self._attend(q, k, v, KeyLayout.packed(cu), (kc1, cu1, kc2, cu2), plan, is_decode=False)
 
-    def _paged(self, q, k, v, meta, layer_idx, kv_cache, plan):
+    def _paged(self, q, k, v, meta, layer_idx, kv_cache, plan: QueryPlan):
         if kv_cache.dtype != q.dtype:
             raise EngineError(
                 f"sparse attention needs the KV cache in the model dtype: cache {kv_cache.dtype}, queries {q.dtype}"
@@ -93,14 +110,13 @@ class SparseAttention(AttentionBackend):
         keys, values = kv_cache.flat(layer_idx)
         (kc1, cu1), (kc2, cu2) = self._update_compressed(meta, layer_idx, kv_cache)
         layout = KeyLayout.paged(meta.block_tables, kv_cache.block_size)
-        is_decode = meta.is_decode and plan["sparse_rows"] is None
+        is_decode = meta.is_decode and plan.is_all_sparse
         return self._attend(q, keys, values, layout, (kc1, cu1, kc2, cu2), plan, is_decode)
 
-    def _attend(self, q, keys, values, layout, compressed, plan, is_decode: bool):
-        """Selection + stage 2 for the sparse query rows (all rows when sparse_rows is None)."""
-        rows = plan["sparse_rows"]
-        q_sparse = q if rows is None else q[rows]
-        q_seq, q_pos = plan["sparse_seq"], plan["sparse_pos"]
+    def _attend(self, q, keys, values, layout, compressed, plan: QueryPlan, is_decode: bool):
+        """Selection + stage 2 for the sparse query rows."""
+        q_sparse = q if plan.is_all_sparse else q[plan.sparse_rows]
+        q_seq, q_pos = plan.q_seq, plan.q_pos
         block_idx = select_blocks(q_sparse, q_seq, q_pos, *compressed, self.sparse, self.scale)
         block = self.sparse.block_size
         if is_decode:
@@ -136,8 +152,7 @@ class SparseAttention(AttentionBackend):
             )
         return self._compressed[kv_cache]
 
-    def _query_plan(self, meta: AttentionMetadata) -> dict:
-        """Layer-invariant split of the batch's queries into sparse and dense rows."""
+    def _query_plan(self, meta: AttentionMetadata) -> QueryPlan:
         q_seq = meta.seq_ids()
         offsets = meta.offsets_in_seq()
         if meta.has_cache:
@@ -145,13 +160,11 @@ class SparseAttention(AttentionBackend):
         else:
             q_pos = offsets
         is_dense = q_pos + 1 < self.sparse.dense_len
-        plan = {"sparse_rows": None, "sparse_seq": q_seq, "sparse_pos": q_pos}
         if not bool(is_dense.any()):
-            return plan
+            return QueryPlan(q_seq, q_pos)
         sparse_rows = (~is_dense).nonzero().squeeze(1)
-        plan.update(sparse_rows=sparse_rows, sparse_seq=q_seq[sparse_rows], sparse_pos=q_pos[sparse_rows])
         if sparse_rows.numel() == 0:
-            return plan
+            return QueryPlan(q_seq[sparse_rows], q_pos[sparse_rows], sparse_rows)
         # A sequence's dense queries are its first new tokens: a smaller batch for the dense backend.
         dense_rows = is_dense.nonzero().squeeze(1)
         counts = torch.bincount(q_seq[dense_rows], minlength=meta.num_seqs)
@@ -165,11 +178,10 @@ class SparseAttention(AttentionBackend):
                 context_lens=context.to(torch.int32),
                 slot_mapping=torch.full((dense_rows.numel(),), -1, dtype=torch.int64, device=q_pos.device),
                 block_tables=meta.block_tables[keep],
-            )
+            )  # slots -1: the K/V are in the cache already
         else:
             dense_meta = AttentionMetadata(cu_seqlens_q=cu)
-        plan.update(dense_rows=dense_rows, dense_meta=dense_meta)
-        return plan
+        return QueryPlan(q_seq[sparse_rows], q_pos[sparse_rows], sparse_rows, dense_rows, dense_meta)
 
 
 register_attention_backend("sparse", SparseAttention)
