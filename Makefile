@@ -16,7 +16,7 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 
 quickstart: $(BIN)/.installed
-	$(BIN)/rlcpm validate recipes/quickstart.yaml
+	$(BIN)/rlcpm quickstart
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check rlcpm tests benchmarks

@@ -12,6 +12,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from rlcpm.config import load_recipe
 from rlcpm.errors import RlcpmError
 from rlcpm.models.checkpoint import CONFIG_NAME
@@ -29,6 +31,9 @@ def run_quickstart(
     from rlcpm.trainer import train
 
     setup_logging()
+    # A sub-million-parameter model: a second intra-op thread costs more than it gives, and
+    # leaves no core to the Ray actors on a 2-core machine.
+    torch.set_num_threads(1)
     path = Path(recipe_path) if recipe_path else QUICKSTART_RECIPE
     if not path.is_file():
         raise RlcpmError(f"{path} not found: run from the repository root, or pass --recipe PATH")
