@@ -48,7 +48,7 @@ from rlcpm.kernels.infllm_v2 import InfLLMv2Config  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 2, 128
 SPARSE = InfLLMv2Config(dense_len=-1)
-DEVICE = "cuda"  # the --gpu timings. device
+DEVICE = "cuda"  # where the --gpu timings run (a CPU dry run under TRITON_INTERPRET=1 sets "cpu")
 
 
 def _fmt(rows: list[dict], columns: list[str]) -> str:
