@@ -8,8 +8,10 @@ Both systems run the same random llama checkpoint (float32, CPU), greedy, prompt
 Each measurement runs in a fresh subprocess (so peak RSS is its own) that warms up, then
 times a 1-token generation (prefill) and a 256-token one; decode throughput is
 batch * 255 / (t_256 - t_1), end-to-end throughput batch * 256 / t_256. The systems alternate
-and the best of ``--repeats`` runs counts (the machine may be shared). Prints a table and
-writes benchmarks/results/engine_vs_hf.json with the machine description.
+and the best of ``--repeats`` runs counts (the machine may be shared). The same ratio over
+process CPU time is recorded too (``decode_ratio_cpu_time``): with one thread it discounts
+time the process spent waiting for a core on a shared machine. Prints a table and writes
+benchmarks/results/engine_vs_hf.json with the machine description and the load average.
 """
 
 from __future__ import annotations
@@ -95,19 +97,29 @@ def _measure(system: str, model_dir: str, batch: int, prompt_len: int, new_token
             return engine.generate(token_lists, params)[0].token_ids
 
     generate(4)  # warm-up
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     generate(1)
-    t_first = time.perf_counter() - start
-    start = time.perf_counter()
+    t_first, cpu_first = time.perf_counter() - start, time.process_time() - cpu_start
+    start, cpu_start = time.perf_counter(), time.process_time()
     tokens = generate(new_tokens)
-    t_full = time.perf_counter() - start
+    t_full, cpu_full = time.perf_counter() - start, time.process_time() - cpu_start
     assert len(tokens) == new_tokens, f"{system} generated {len(tokens)} tokens, expected {new_tokens}"
     return {
         "t_first_s": t_first,
         "t_full_s": t_full,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "cpu_first_s": cpu_first,
+        "cpu_full_s": cpu_full,
+        "peak_rss_mb": _peak_rss_mb(),
         "first_row_tokens": tokens,
     }
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM: reset by exec, unlike ru_maxrss)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _block_bytes(model_dir: str, block_size: int) -> int:
@@ -163,6 +175,7 @@ def _machine(threads: int) -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "load_average_1_5_15min": list(os.getloadavg()),
     }
 
 
@@ -207,6 +220,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     batches = [int(b) for b in args.batches.split(",")]
+    load_at_start = list(os.getloadavg())
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         models = _build_models(args.models.split(","), Path(tmp))
@@ -220,8 +234,10 @@ def main(argv: list[str] | None = None) -> None:
                 for system, measured in runs.items():
                     best = min(measured, key=lambda m: m["t_full_s"] - m["t_first_s"])
                     decode_s = best["t_full_s"] - best["t_first_s"]
+                    cpu_decode_s = min(m["cpu_full_s"] - m["cpu_first_s"] for m in measured)
                     row[system] = {
                         "decode_tok_s": batch * (args.new_tokens - 1) / decode_s,
+                        "decode_tok_per_cpu_s": batch * (args.new_tokens - 1) / cpu_decode_s,
                         "end_to_end_tok_s": batch * args.new_tokens / min(m["t_full_s"] for m in measured),
                         "prefill_s": min(m["t_first_s"] for m in measured),
                         "peak_rss_mb": max(m["peak_rss_mb"] for m in measured),
@@ -230,12 +246,15 @@ def main(argv: list[str] | None = None) -> None:
                 agree = next((i for i, (a, b) in enumerate(zip(*tokens)) if a != b), len(tokens[0]))
                 row["greedy_tokens_agree_before"] = agree
                 row["decode_ratio"] = row["engine"]["decode_tok_s"] / row["hf"]["decode_tok_s"]
+                row["decode_ratio_cpu_time"] = (
+                    row["engine"]["decode_tok_per_cpu_s"] / row["hf"]["decode_tok_per_cpu_s"]
+                )
                 row["end_to_end_ratio"] = row["engine"]["end_to_end_tok_s"] / row["hf"]["end_to_end_tok_s"]
                 rows.append(row)
                 _print_row(row, header=len(rows) == 1)
     result = {
         "benchmark": "engine_vs_hf",
-        "machine": _machine(args.threads),
+        "machine": {**_machine(args.threads), "load_average_at_start": load_at_start},
         "settings": {
             "prompt_len": args.prompt_len,
             "new_tokens": args.new_tokens,
@@ -254,15 +273,15 @@ def main(argv: list[str] | None = None) -> None:
 def _print_row(row: dict, header: bool) -> None:
     if header:
         print(
-            f"{'model':>6} {'params':>7} {'batch':>5} | {'HF decode':>10} {'engine':>10} {'ratio':>6} | "
-            f"{'HF e2e':>9} {'engine':>9} {'ratio':>6} | {'HF MB':>7} {'eng MB':>7}"
+            f"{'model':>6} {'params':>7} {'batch':>5} | {'HF decode':>10} {'engine':>10} {'ratio':>6} "
+            f"{'(cpu)':>6} | {'HF e2e':>9} {'engine':>9} {'ratio':>6} | {'HF MB':>7} {'eng MB':>7}"
         )
     hf, engine = row["hf"], row["engine"]
     print(
         f"{row['model']:>6} {row['params_m']:>6}M {row['batch']:>5} | {hf['decode_tok_s']:>10.0f} "
-        f"{engine['decode_tok_s']:>10.0f} {row['decode_ratio']:>5.2f}x | {hf['end_to_end_tok_s']:>9.0f} "
-        f"{engine['end_to_end_tok_s']:>9.0f} {row['end_to_end_ratio']:>5.2f}x | {hf['peak_rss_mb']:>7.0f} "
-        f"{engine['peak_rss_mb']:>7.0f}",
+        f"{engine['decode_tok_s']:>10.0f} {row['decode_ratio']:>5.2f}x {row['decode_ratio_cpu_time']:>5.2f}x | "
+        f"{hf['end_to_end_tok_s']:>9.0f} {engine['end_to_end_tok_s']:>9.0f} {row['end_to_end_ratio']:>5.2f}x | "
+        f"{hf['peak_rss_mb']:>7.0f} {engine['peak_rss_mb']:>7.0f}",
         flush=True,
     )
 

@@ -82,11 +82,13 @@ class SamplingParams:
                 raise RequestError(f"stop strings must be non-empty strings, got {text!r}")
 
 
-def _as_column(value: torch.Tensor | float | int, num_rows: int, dtype: torch.dtype) -> torch.Tensor:
+def _as_column(
+    value: torch.Tensor | float | int, num_rows: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
     """A per-row parameter as a [N, 1] tensor."""
     if isinstance(value, torch.Tensor):
-        return value.to(dtype).reshape(-1, 1).expand(num_rows, 1)
-    return torch.full((num_rows, 1), value, dtype=dtype)
+        return value.to(device=device, dtype=dtype).reshape(-1, 1).expand(num_rows, 1)
+    return torch.full((num_rows, 1), value, dtype=dtype, device=device)
 
 
 def filter_logits(
@@ -105,8 +107,8 @@ def filter_logits(
     may extend past it; the full vocabulary is sorted only in the worst case.
     """
     num_rows, vocab = logits.shape
-    k = _as_column(top_k, num_rows, torch.long)
-    p = _as_column(top_p, num_rows, logits.dtype)
+    k = _as_column(top_k, num_rows, torch.long, logits.device)
+    p = _as_column(top_p, num_rows, logits.dtype, logits.device)
     use_k = (k > 0) & (k < vocab)  # [N, 1]
     use_p = p < 1
     if not bool(use_k.any() or use_p.any()):
@@ -143,7 +145,7 @@ def _scale(logits: torch.Tensor, temperature: torch.Tensor | float) -> torch.Ten
     if isinstance(temperature, torch.Tensor):
         if bool(((temperature == 0) | (temperature == 1)).all()):
             return logits.float()
-        t = _as_column(temperature, logits.shape[0], torch.float32)
+        t = _as_column(temperature, logits.shape[0], torch.float32, logits.device)
         return logits.float() / torch.where(t == 0, torch.ones_like(t), t)
     return logits.float() if temperature in (0, 1) else logits.float() / temperature
 
@@ -161,10 +163,11 @@ def sampling_log_distribution(
     """
     num_rows = logits.shape[0]
     scaled = _scale(logits, temperature)
-    is_greedy = _as_column(temperature, num_rows, torch.float32) == 0  # [N, 1]
+    device = logits.device
+    is_greedy = _as_column(temperature, num_rows, torch.float32, device) == 0  # [N, 1]
     if bool(is_greedy.any()):
-        top_k = torch.where(is_greedy, -1, _as_column(top_k, num_rows, torch.long)).squeeze(1)
-        top_p = torch.where(is_greedy, 1.0, _as_column(top_p, num_rows, torch.float32)).squeeze(1)
+        top_k = torch.where(is_greedy, -1, _as_column(top_k, num_rows, torch.long, device)).squeeze(1)
+        top_p = torch.where(is_greedy, 1.0, _as_column(top_p, num_rows, torch.float32, device)).squeeze(1)
     return filter_logits(scaled, top_k, top_p).log_softmax(dim=-1)
 
 
