@@ -159,7 +159,7 @@ class SparseAttention(AttentionBackend):
             q_pos = (meta.context_lens.long() - meta.seq_lens_q)[q_seq] + offsets
         else:
             q_pos = offsets
-        is_dense = q_pos + 1 < self.sparse.dense_len
+        is_dense = self.sparse.is_dense_query(q_pos)
         if not bool(is_dense.any()):
             return QueryPlan(q_seq, q_pos)
         sparse_rows = (~is_dense).nonzero().squeeze(1)

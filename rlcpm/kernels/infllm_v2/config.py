@@ -97,7 +97,7 @@ class InfLLMv2Config:
     def pool_ratio(self) -> int:
         return self.block_size // self.kernel_stride
 
-    def is_dense_query(self, kv_len: int) -> bool:
-        """The dense_len switch, per query: a query that sees kv_len keys attends densely iff
-        kv_len < dense_len (dense_len -1 or 0: always sparse)."""
-        return kv_len < self.dense_len
+    def is_dense_query(self, q_pos):
+        """The dense_len switch, per query (int or tensor of positions): a query at position i
+        sees i + 1 keys and attends densely iff i + 1 < dense_len (-1 or 0: always sparse)."""
+        return q_pos + 1 < self.dense_len

@@ -43,6 +43,9 @@ def test_defaults_are_minicpm4_sparse_config():
     )
     assert (cfg.coarse_kernel_size, cfg.coarse_kernel_stride) == (128, 64)
     assert cfg.local_blocks == 32 and cfg.num_selected == 96 and cfg.pool_ratio == 4
+    # Query i sees i + 1 keys: dense iff i + 1 < dense_len; dense_len -1 is never dense.
+    assert cfg.is_dense_query(8190) and not cfg.is_dense_query(8191)
+    assert not InfLLMv2Config(dense_len=-1).is_dense_query(0)
     # The recipe section and a checkpoint's sparse_config (extra keys ignored) give the same settings.
     assert InfLLMv2Config.from_dict(SparseAttentionConfig().model_dump()) == cfg
     minicpm4 = {"kernel_size": 32, "kernel_stride": 16, "init_blocks": 1, "block_size": 64, "window_size": 2048,
