@@ -75,6 +75,10 @@ class ModelConfig(Section):
     gradient_checkpointing: bool = False
     chat_template: str | None = Field(None, description="Jinja chat template overriding the tokenizer's")
 
+    def sparse_config_override(self) -> dict | None:
+        """The recipe's InfLLM v2 settings for load_model / the engine (None: the checkpoint's own)."""
+        return self.sparse_attention.model_dump() if self.sparse_attention is not None else None
+
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
         if self.path is None and self.tiny is None:

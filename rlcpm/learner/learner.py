@@ -71,7 +71,11 @@ class Learner:
         torch.manual_seed(recipe.seed)  # identical LoRA initialisation on every rank
         # Master weights stay float32 whatever the checkpoint's dtype; bf16 lives in autocast.
         self.policy = load_model(
-            self.model_dir, dtype=torch.float32, device=self.device, attention=recipe.model.attention
+            self.model_dir,
+            dtype=torch.float32,
+            device=self.device,
+            attention=recipe.model.attention,
+            sparse_config=recipe.model.sparse_config_override(),
         )
         if recipe.model.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()

@@ -62,6 +62,7 @@ class RolloutPool:
             max_num_batched_tokens=rollout.max_batch_tokens,
             kv_budget_gb=rollout.kv_budget_gb,
             attention=self.recipe.model.attention,
+            sparse_config=self.recipe.model.sparse_config_override(),
             seed=self.recipe.seed,
         )
 
@@ -77,7 +78,9 @@ class RolloutPool:
         versions = ray.get([w.update_weights.remote(ref, version) for w in self.workers])
         for index, got in enumerate(versions):
             if got != version:
-                raise WeightSyncError(f"rollout worker {index} reports weight version {got} after loading {version}")
+                raise WeightSyncError(
+                    f"rollout worker {index} reports weight version {got} after loading {version}"
+                )
         self._weights_ref, self.version = ref, version
         self._affinity.clear()  # KV of the old weights is gone on every worker
         return SyncStats(time.perf_counter() - start, num_bytes, version)
@@ -92,13 +95,17 @@ class RolloutPool:
         results: dict[str, ChunkResult] = {}
         pending = {i: share for i, share in enumerate(shares) if share}
         for attempt in range(MAX_RETRIES + 1):
-            futures = {i: self.workers[i].generate.remote(*self._call_args(share)) for i, share in pending.items()}
+            futures = {
+                i: self.workers[i].generate.remote(*self._call_args(share)) for i, share in pending.items()
+            }
             failed = {}
             for index, future in futures.items():
                 try:
                     outputs = ray.get(future)
                 except ray.exceptions.RayActorError as err:
-                    log.warning("rollout worker %d died (%s); restarting it and re-queuing its requests", index, err)
+                    log.warning(
+                        "rollout worker %d died (%s); restarting it and re-queuing its requests", index, err
+                    )
                     failed[index] = pending[index]
                     self._replace(index)
                     continue
@@ -113,7 +120,10 @@ class RolloutPool:
 
     def _call_args(self, share: list[ChunkRequest]):
         rollout = self.recipe.rollout
-        reqs = [Request(r.traj_id, r.prompt_token_ids, _params(rollout, r), list(r.output_token_ids)) for r in share]
+        reqs = [
+            Request(r.traj_id, r.prompt_token_ids, _params(rollout, r), list(r.output_token_ids))
+            for r in share
+        ]
         budget = share[0].max_chunk_tokens
         return reqs, None, budget, self.version
 
@@ -161,7 +171,9 @@ class RolloutPool:
         if self._weights_ref is not None:
             got = ray.get(worker.update_weights.remote(self._weights_ref, self.version))
             if got != self.version:
-                raise WeightSyncError(f"replacement rollout worker {index} could not load version {self.version}")
+                raise WeightSyncError(
+                    f"replacement rollout worker {index} could not load version {self.version}"
+                )
         self.workers[index] = worker
         self._affinity = {g: w for g, w in self._affinity.items() if w != index}
         self.num_restarts += 1
