@@ -10,6 +10,8 @@ import pytest
 
 from rlcpm import __version__
 from rlcpm.cli import main
+from rlcpm.config import load_recipe
+from rlcpm.rewards import resolve_terms
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").rglob("*.yaml")) + sorted((ROOT / "recipes").rglob("*.yml"))
@@ -24,6 +26,8 @@ def test_every_recipe_validates(recipe, capsys):
     assert main(["validate", str(recipe)]) == 0
     out = capsys.readouterr().out
     assert "algorithm:" in out and "rollout:" in out
+    # Every reward a recipe names exists and accepts the recipe's kwargs.
+    resolve_terms(load_recipe(recipe).rewards) if load_recipe(recipe).rewards else None
 
 
 def test_validate_reports_three_mistakes_and_exits_2(tmp_path, capsys):
