@@ -27,7 +27,9 @@ def test_every_recipe_validates(recipe, capsys):
     out = capsys.readouterr().out
     assert "algorithm:" in out and "rollout:" in out
     # Every reward a recipe names exists and accepts the recipe's kwargs.
-    resolve_terms(load_recipe(recipe).rewards) if load_recipe(recipe).rewards else None
+    rewards = load_recipe(recipe).rewards
+    if rewards:
+        assert len(resolve_terms(rewards)) == len(rewards)
 
 
 def test_validate_reports_three_mistakes_and_exits_2(tmp_path, capsys):
