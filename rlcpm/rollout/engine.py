@@ -14,6 +14,7 @@ the valid requests of the same call; ``generate`` raises only for a malformed ca
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 from collections.abc import Iterable
@@ -38,13 +39,17 @@ PromptsLike = SequenceABC[SequenceABC[int]] | SequenceABC[Request]
 
 
 def _default_kv_budget_bytes(device: torch.device) -> int:
-    """A quarter of the memory that is free now (GPU: free device memory)."""
+    """A quarter of the memory available now (GPU: free device memory)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free // 4
-    import psutil
-
-    return psutil.virtual_memory().available // 4
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024 // 4
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
 
 
 class Engine:
