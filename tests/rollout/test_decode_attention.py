@@ -1,0 +1,38 @@
+"""The mirrored decode attention (CPU fast path) gives the dense paged backend's results, and is
+rebuilt only when the set of decoding sequences changes."""
+
+from __future__ import annotations
+
+import torch
+
+from rlcpm.rollout import Request, SamplingParams
+from rlcpm.rollout.decode_attention import MirroredDecodeAttention
+
+
+def test_mirror_is_appended_in_steady_state_and_rebuilt_when_the_batch_changes(make_engine, prompts):
+    engine = make_engine("llama", max_num_seqs=4, max_num_batched_tokens=256)
+    backend = engine.runner.decode_backend
+    assert isinstance(backend, MirroredDecodeAttention)
+    params = SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True)
+    engine.generate(prompts(n=4, seed=13), params)
+    assert backend.num_rebuilds == 1  # built once when the 4 sequences started decoding
+    # sequences leaving at different steps: one rebuild per change of the decoding set
+    lengths = [SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True) for n in (5, 10, 15, 20)]
+    engine.generate(prompts(n=4, seed=14), lengths)
+    assert backend.num_rebuilds == 1 + 4
+
+
+def test_mirrored_and_plain_paged_attention_agree_with_prefill_chunks_mixed_in(make_engine, prompts):
+    batch = prompts(n=6, seed=15, min_len=3, max_len=60)
+    params = [SamplingParams(max_new_tokens=18, temperature=1.0, seed=s, ignore_eos=True) for s in range(6)]
+    outputs = {}
+    for mirror in (True, False):
+        # 3 at a time and 24 tokens per step: long prompts prefill in chunks next to decodes
+        engine = make_engine("qwen3", max_num_seqs=3, max_num_batched_tokens=24, decode_mirror=mirror)
+        assert (engine.runner.decode_backend is not None) == mirror
+        outputs[mirror] = engine.generate([Request(i, p, params[i]) for i, p in enumerate(batch)])
+    for with_mirror, plain in zip(outputs[True], outputs[False]):
+        assert with_mirror.token_ids == plain.token_ids
+        torch.testing.assert_close(
+            torch.tensor(with_mirror.logprobs), torch.tensor(plain.logprobs), rtol=0, atol=1e-5
+        )
