@@ -9,7 +9,9 @@ from rlcpm.rollout import SamplingParams
 from rlcpm.trainer.scoring import reward_metrics
 
 
-def evaluate(recipe: Recipe, rollout_pool, reward_pool, examples: Sequence, tokenize, decode) -> dict[str, float]:
+def evaluate(
+    recipe: Recipe, rollout_pool, reward_pool, examples: Sequence, tokenize, decode
+) -> dict[str, float]:
     """`eval/accuracy` (one seeded sample per prompt at the eval temperature) and
     `eval/greedy_accuracy`, plus the reward means, on the first `eval.num_prompts` examples."""
     from rlcpm.rewards import Sample
@@ -18,7 +20,9 @@ def evaluate(recipe: Recipe, rollout_pool, reward_pool, examples: Sequence, toke
     if not examples:
         return {}
     prompts = [tokenize(ex) for ex in examples]
-    temperature = recipe.eval.temperature if recipe.eval.temperature is not None else recipe.rollout.temperature
+    temperature = (
+        recipe.eval.temperature if recipe.eval.temperature is not None else recipe.rollout.temperature
+    )
     modes = {"eval": temperature}
     if recipe.eval.greedy:
         modes["eval/greedy"] = 0.0

@@ -125,7 +125,11 @@ class GRPOTrainer:
         while self.step < total:
             self.step += 1
             metrics = self.train_step()
-            if self.eval_examples and self.recipe.eval.every_steps and self.step % self.recipe.eval.every_steps == 0:
+            if (
+                self.eval_examples
+                and self.recipe.eval.every_steps
+                and self.step % self.recipe.eval.every_steps == 0
+            ):
                 metrics.update(self._evaluate())
             self.monitor.log(self.step, metrics)
             ckpt = self.recipe.learner.checkpoint
@@ -138,7 +142,9 @@ class GRPOTrainer:
         groups, metrics = self.collect_groups()
         self.last_groups = groups  # the trained batch, for inspection
         if not groups:
-            log.warning("step %d: no group with a learning signal after over-sampling; skipping the update", self.step)
+            log.warning(
+                "step %d: no group with a learning signal after over-sampling; skipping the update", self.step
+            )
             return {**metrics, "train/skipped": 1.0, "perf/step_time_s": time.perf_counter() - start}
         rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)  # [N, G]
         batch = RLBatch.from_groups(groups, torch.zeros_like(rewards))
@@ -241,10 +247,16 @@ class GRPOTrainer:
         version = self.learner.policy_version
         tensors = [pair for bucket in self.learner.weight_buckets() for pair in bucket]
         stats = self.rollout.sync_weights(tensors, version)
-        return {"perf/sync_time_s": stats.seconds, "perf/sync_bytes": stats.num_bytes, "train/policy_version": version}
+        return {
+            "perf/sync_time_s": stats.seconds,
+            "perf/sync_bytes": stats.num_bytes,
+            "train/policy_version": version,
+        }
 
     def _evaluate(self) -> dict[str, float]:
-        return evaluate(self.recipe, self.rollout, self.rewards, self.eval_examples, self.tokenize, self.decode)
+        return evaluate(
+            self.recipe, self.rollout, self.rewards, self.eval_examples, self.tokenize, self.decode
+        )
 
     def save_checkpoint(self) -> Path:
         root = self.run_dir / "checkpoints"
@@ -348,4 +360,3 @@ def _batch_metrics(groups: list[Group], version: int) -> dict[str, float]:
         "rollout/loss_masked_fraction": masked / len(trajs),
         "rollout/num_groups": len(groups),
     }
-

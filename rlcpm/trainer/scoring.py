@@ -41,7 +41,10 @@ def attach_rewards(
     if algo.overlong_penalty is not None:
         cfg = algo.overlong_penalty
         totals = [
-            t + overlong_penalty(len(traj.response_token_ids), rollout.max_new_tokens, cfg.buffer_tokens, cfg.penalty)
+            t
+            + overlong_penalty(
+                len(traj.response_token_ids), rollout.max_new_tokens, cfg.buffer_tokens, cfg.penalty
+            )
             for t, traj in zip(totals, group.trajectories)
         ]
     dropped = [r.dropped for r in results]
