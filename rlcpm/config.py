@@ -256,7 +256,9 @@ class SpeculativeConfig(Section):
 
 
 class RolloutConfig(Section):
-    engine: Literal["rlcpm", "vllm"] = "rlcpm"
+    engine: Literal["rlcpm"] = Field(
+        "rlcpm", description="the rollout engine (a vLLM backend is not part of this release)"
+    )
     workers: int = Field(1, gt=0)
     n_samples: int = Field(8, gt=0, description="G: samples per prompt")
     chunk_tokens: int | None = Field(
