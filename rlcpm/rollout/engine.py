@@ -32,6 +32,7 @@ from rlcpm.rollout.packed_linear import pack_linear_layers
 from rlcpm.rollout.sampling import SamplingBatch, SamplingParams, sample
 from rlcpm.rollout.scheduler import Scheduler
 from rlcpm.rollout.sequence import Request, RequestOutput, Sequence
+from rlcpm.rollout.speculative import Drafter, SpeculativeDecoder
 from rlcpm.rollout.stop import StopChecker
 from rlcpm.rollout.weight_sync import WeightSync
 
@@ -72,6 +73,9 @@ class Engine:
         decode_mirror: on CPU with dense attention, decode over a contiguous copy of the
             running batch's KV (rlcpm.rollout.decode_attention) instead of gathering the
             paged cache every step.
+        drafter: speculative decoding (rlcpm.rollout.speculative): a draft model sharing the
+            tokenizer, its (FR-Spec) head and k; its KV cache shares the target's block ids,
+            and the KV budget pays for both.
     """
 
     def __init__(
@@ -89,6 +93,7 @@ class Engine:
         seed: int = 0,
         pack_linears: bool = True,
         decode_mirror: bool = True,
+        drafter: Drafter | None = None,
     ):
         config = model.config
         self.model = model.eval()
@@ -102,6 +107,8 @@ class Engine:
         bytes_per_block = PagedKVCache.block_bytes(
             config.num_hidden_layers, block_size, config.num_key_value_heads, config.head_dim, model.dtype
         )
+        if drafter is not None:
+            bytes_per_block += drafter.kv_block_bytes(block_size)
         if kv_budget_gb is not None:
             kv_budget_bytes = int(kv_budget_gb * 1024**3)
         if kv_budget_bytes is None:
@@ -116,11 +123,22 @@ class Engine:
         self.kv_cache = model.new_kv_cache(num_blocks, block_size)
         self.block_manager = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(
-            self.block_manager, max_num_seqs, max_num_batched_tokens, self.max_model_len
+            self.block_manager,
+            max_num_seqs,
+            max_num_batched_tokens,
+            self.max_model_len,
+            num_lookahead_tokens=drafter.num_draft_tokens if drafter is not None else 0,
         )
         if pack_linears:
             pack_linear_layers(model)
-        self.runner = ModelRunner(model, self.kv_cache, decode_mirror)
+            if drafter is not None:
+                drafter.pack_linears()
+        self.runner = ModelRunner(model, self.kv_cache, decode_mirror and drafter is None)
+        self.speculator = (
+            SpeculativeDecoder(model, self.kv_cache, drafter, self.max_model_len)
+            if drafter is not None
+            else None
+        )
         self.weights = WeightSync(model)
         self._seed_rng = random.Random(seed)
         self._next_seq_id = 0
@@ -137,6 +155,7 @@ class Engine:
         tokenizer_path: str | None = None,
         attention: str = "dense",
         sparse_config: dict | None = None,
+        speculative: Any = None,
         **engine_kwargs: Any,
     ) -> Engine:
         """Load a Hugging Face directory (config.json + safetensors + tokenizer) into an engine.
@@ -144,6 +163,8 @@ class Engine:
         EOS ids come from generation_config.json when present (as transformers ``generate``),
         else from config.json / the tokenizer. ``attention`` names the attention backend;
         ``sparse_config`` replaces the checkpoint's InfLLM v2 settings (attention="sparse").
+        ``speculative``: ``{draft, num_draft_tokens, frspec_vocab}`` (a mapping or the recipe's
+        ``rollout.speculative``) turns on speculative decoding (docs/speculative.md).
         """
         from transformers import AutoTokenizer
 
@@ -156,6 +177,18 @@ class Engine:
             eos = json.loads(generation_config.read_text()).get("eos_token_id")
             if eos is not None:
                 engine_kwargs["eos_token_ids"] = [eos] if isinstance(eos, int) else eos
+        if speculative is not None:
+            spec = speculative if isinstance(speculative, dict) else speculative.model_dump()
+            eos_ids = engine_kwargs.get("eos_token_ids") or cls._eos_ids(model.config, tokenizer)
+            engine_kwargs["drafter"] = Drafter.from_pretrained(
+                spec["draft"],
+                spec.get("num_draft_tokens", 4),
+                spec.get("frspec_vocab"),
+                dtype=model.dtype,
+                device=model.device,
+                tokenizer=tokenizer,
+                keep_token_ids=eos_ids,
+            )
         return cls(model, tokenizer, **engine_kwargs)
 
     @staticmethod
@@ -245,16 +278,10 @@ class Engine:
             raise EngineError(
                 "no request could be scheduled: the KV cache is too small for the waiting request"
             )
-        logits = self.runner.run(batch)
-        sampling = [seq for i, seq in enumerate(batch.seqs) if batch.is_sampling(i)]
-        token_ids: list[int] = []
-        logprobs: list[float] = []
-        if sampling:
-            params = SamplingBatch.from_params(
-                [s.params for s in sampling], [s.seed for s in sampling], [s.num_generated for s in sampling]
-            )
-            ids, lps = sample(logits, params)
-            token_ids, logprobs = ids.tolist(), lps.tolist()
+        if self.speculator is not None:  # draft k tokens, verify them in one forward, accept
+            token_ids, logprobs = self.speculator.step(batch)
+        else:
+            token_ids, logprobs = self._sample(batch, self.runner.run(batch))
         num_decode = sum(1 for n in batch.num_query_tokens if n == 1)
         self.stats["num_decode_tokens"] += num_decode
         self.stats["num_prefill_tokens"] += batch.num_tokens - num_decode
@@ -262,6 +289,17 @@ class Engine:
         self.stats["num_steps"] += 1
         self.stats["step_seconds"] += time.perf_counter() - start
         return done
+
+    def _sample(self, batch, logits: torch.Tensor) -> tuple[list[int], list[float]]:
+        """One token and its behaviour log-prob per sampling sequence (batch order)."""
+        sampling = [seq for i, seq in enumerate(batch.seqs) if batch.is_sampling(i)]
+        if not sampling:
+            return [], []
+        params = SamplingBatch.from_params(
+            [s.params for s in sampling], [s.seed for s in sampling], [s.num_generated for s in sampling]
+        )
+        ids, lps = sample(logits, params)
+        return ids.tolist(), lps.tolist()
 
     # ------------------------------------------------------------------------------ generate
 
@@ -363,4 +401,5 @@ class Engine:
             "num_paused": len(self.scheduler.paused),
             "weight_version": self.weight_version,
             **{f"last_sync_{k}": v for k, v in self.weights.last_sync.items()},
+            **(self.speculator.engine_stats() if self.speculator is not None else {}),
         }

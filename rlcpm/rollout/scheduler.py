@@ -46,12 +46,19 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(
-        self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        num_lookahead_tokens: int = 0,
     ):
         self.block_manager = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
+        # speculative decoding: KV slots for the draft tokens a decode step verifies
+        self.num_lookahead_tokens = num_lookahead_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.paused: OrderedDict[Any, Sequence] = OrderedDict()
@@ -100,7 +107,7 @@ class Scheduler:
         while next_index < len(queue) and budget > 0:
             seq = queue[next_index]
             num_tokens = min(len(seq) - seq.num_computed_tokens, budget)
-            while not bm.can_reserve(seq, seq.num_computed_tokens + num_tokens):
+            while not bm.can_reserve(seq, self._num_slots(seq, num_tokens)):
                 if not self._reclaim_idle_blocks():
                     victim = queue.pop()
                     self._preempt(victim)
@@ -120,10 +127,10 @@ class Scheduler:
                 bm.share_cached_prefix(seq)
                 seq.num_cached_prompt_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
             num_tokens = min(len(seq) - seq.num_computed_tokens, budget)
-            while not bm.can_reserve(seq, seq.num_computed_tokens + num_tokens):
+            while not bm.can_reserve(seq, self._num_slots(seq, num_tokens)):
                 if not self._reclaim_idle_blocks(keep=seq):
                     break
-            if not bm.can_reserve(seq, seq.num_computed_tokens + num_tokens):
+            if not bm.can_reserve(seq, self._num_slots(seq, num_tokens)):
                 bm.free(seq)
                 break
             self.waiting.popleft()
@@ -134,8 +141,15 @@ class Scheduler:
         order = sorted(range(len(seqs)), key=lambda i: num_query_tokens[i] > 1)  # decodes first
         return ScheduledBatch([seqs[i] for i in order], [num_query_tokens[i] for i in order])
 
+    def _num_slots(self, seq: Sequence, num_tokens: int) -> int:
+        """KV slots seq needs this step: its tokens, plus the lookahead when it samples."""
+        end = seq.num_computed_tokens + num_tokens
+        if self.num_lookahead_tokens and end == len(seq):
+            end = max(end, min(end + self.num_lookahead_tokens, self.max_model_len))
+        return end
+
     def _schedule(self, seq: Sequence, num_tokens: int, seqs: list, num_query_tokens: list) -> None:
-        self.block_manager.reserve(seq, seq.num_computed_tokens + num_tokens)
+        self.block_manager.reserve(seq, self._num_slots(seq, num_tokens))
         self.block_manager.register_full_blocks(seq, seq.num_computed_tokens + num_tokens)
         seqs.append(seq)
         num_query_tokens.append(num_tokens)
@@ -162,10 +176,15 @@ class Scheduler:
     # --------------------------------------------------------------------------- postprocess
 
     def postprocess(
-        self, batch: ScheduledBatch, token_ids: list[int], logprobs: list[float], eos_token_ids: frozenset
+        self,
+        batch: ScheduledBatch,
+        token_ids: list[int] | list[list[int]],
+        logprobs: list[float] | list[list[float]],
+        eos_token_ids: frozenset,
     ) -> list[Sequence]:
         """Advance every scheduled sequence; append sampled tokens (one per sampling sequence,
-        in batch order); return the sequences that left the running set (finished or paused)."""
+        in batch order, or a list of verified tokens each with speculative decoding, appended
+        until a stop rule fires); return the sequences that left the running set."""
         done: list[Sequence] = []
         sample_index = 0
         for index, seq in enumerate(batch.seqs):
@@ -173,10 +192,19 @@ class Scheduler:
             seq.num_computed_tokens += batch.num_query_tokens[index]
             if not is_sampling:
                 continue
-            token_id = token_ids[sample_index]
-            seq.append(token_id, logprobs[sample_index])
+            tokens, lps = token_ids[sample_index], logprobs[sample_index]
             sample_index += 1
-            reason = self._finish_reason(seq, token_id, eos_token_ids)
+            if isinstance(tokens, int):
+                tokens, lps = [tokens], [lps]
+            reason = None
+            for token_id, logprob in zip(tokens, lps):
+                seq.append(token_id, logprob)
+                reason = self._finish_reason(seq, token_id, eos_token_ids)
+                if reason is not None:
+                    break
+            # verified tokens before the last appended one had their KV computed this step;
+            # the KV of rejected or unused ones is left behind (rolled back)
+            seq.num_computed_tokens = len(seq) - 1
             if reason is not None:
                 seq.finish_reason = reason
                 done.append(seq)
