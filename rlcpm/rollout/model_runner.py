@@ -33,10 +33,15 @@ class ModelRunner:
         for index, seq in enumerate(batch.seqs):
             start = seq.num_computed_tokens
             end = start + batch.num_query_tokens[index]
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
             table = seq.block_table
-            slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
+            if end - start == 1:  # decode: the common case, kept cheap
+                input_ids.append(seq.token_ids[start])
+                positions.append(start)
+                slots.append(table[start // block_size] * block_size + start % block_size)
+            else:
+                input_ids.extend(seq.token_ids[start:end])
+                positions.extend(range(start, end))
+                slots.extend(table[p // block_size] * block_size + p % block_size for p in range(start, end))
             context_lens.append(end)
             cu_seqlens.append(cu_seqlens[-1] + end - start)
             if end == len(seq):

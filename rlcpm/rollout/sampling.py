@@ -272,11 +272,11 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, to
 
     The log-prob is read from ``sampling_log_distribution`` (so it is ``sampling_logprobs``).
     """
-    log_dist = sampling_log_distribution(logits, batch.temperature, batch.top_k, batch.top_p)  # [N, V]
-    if batch.is_all_greedy:
+    if batch.is_all_greedy:  # temperature 0: no scaling, no filter (what sampling_log_distribution does)
         token_ids = logits.argmax(dim=-1)
-    else:
-        uniforms = torch.from_numpy(counter_uniforms(batch.seeds, batch.counters))
-        sampled = inverse_cdf(log_dist.exp(), uniforms)
-        token_ids = torch.where(batch.temperature.to(sampled.device) == 0, logits.argmax(dim=-1), sampled)
+        return token_ids, logits.float().log_softmax(dim=-1).gather(1, token_ids[:, None]).squeeze(1)
+    log_dist = sampling_log_distribution(logits, batch.temperature, batch.top_k, batch.top_p)  # [N, V]
+    uniforms = torch.from_numpy(counter_uniforms(batch.seeds, batch.counters))
+    sampled = inverse_cdf(log_dist.exp(), uniforms)
+    token_ids = torch.where(batch.temperature.to(sampled.device) == 0, logits.argmax(dim=-1), sampled)
     return token_ids, log_dist.gather(1, token_ids[:, None]).squeeze(1)
