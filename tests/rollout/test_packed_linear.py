@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlcpm.rollout import SamplingParams
+from rlcpm.models import load_model
+from rlcpm.rollout import SamplingParams, sampling_logprobs
 from rlcpm.rollout.packed_linear import PackedLinear, is_packing_available, pack_linear_layers
 
 pytestmark = pytest.mark.skipif(not is_packing_available(), reason="oneDNN packing unavailable")
@@ -42,10 +43,19 @@ def test_packed_linear_equals_linear_and_repacks_after_in_place_updates():
     assert model[0].weight.grad is not None
 
 
-def test_engine_with_every_linear_packed_matches_transformers(make_engine, hf_greedy, prompts):
+def test_engine_with_every_linear_packed_matches_transformers_and_the_learner(
+    make_engine, hf_greedy, prompts, tiny_dirs
+):
     engine = make_engine("qwen2", max_num_seqs=4)
     assert len(pack_linear_layers(engine.model, min_weight_numel=0)) == 2 * 7 + 1
     batch = prompts(n=4, seed=12)
     params = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
     for prompt, out in zip(batch, engine.generate(batch, params)):
         assert out.token_ids == hf_greedy("qwen2", prompt, 10)
+    sampled = SamplingParams(max_new_tokens=10, temperature=0.9, top_k=40, seed=3, ignore_eos=True)
+    learner_model = load_model(str(tiny_dirs["qwen2"]))
+    for prompt, out in zip(batch, engine.generate(batch, sampled)):
+        with torch.no_grad():
+            logits = learner_model(torch.tensor([prompt + out.token_ids]))[0, len(prompt) - 1 : -1]
+        expected = sampling_logprobs(logits, torch.tensor(out.token_ids), 0.9, 40)
+        torch.testing.assert_close(torch.tensor(out.logprobs), expected, rtol=0, atol=1e-5)
