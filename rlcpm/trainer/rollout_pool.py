@@ -64,6 +64,7 @@ class RolloutPool:
             attention=self.recipe.model.attention,
             sparse_config=self.recipe.model.sparse_config_override(),
             seed=self.recipe.seed,
+            speculative=rollout.speculative.model_dump() if rollout.speculative is not None else None,
         )
 
     # ------------------------------------------------------------------------------ weights
