@@ -66,8 +66,7 @@ class ModelRunner:
         """Logits [N, V] at the last token of the N sequences that sample this step (may be 0)."""
         ids, positions, meta, sample_rows = self.prepare(batch)
         if self.decode_backend is not None:
-            num_decode = next((i for i, n in enumerate(batch.num_query_tokens) if n != 1), len(batch.seqs))
-            keys = [(seq.seq_id, seq.kv_epoch) for seq in batch.seqs[:num_decode]]
+            keys = [(seq.seq_id, seq.kv_epoch) for seq in batch.seqs[: batch.num_steady_decodes]]
             self.decode_backend.prepare(self.kv_cache, meta, keys)
         hidden = self.model(ids, positions, meta=meta, kv_cache=self.kv_cache, return_hidden=True)  # [T, H]
         if len(sample_rows) != hidden.shape[0]:

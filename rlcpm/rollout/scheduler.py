@@ -33,6 +33,10 @@ from rlcpm.rollout.sequence import Sequence, SequenceStatus
 class ScheduledBatch:
     seqs: list[Sequence]
     num_query_tokens: list[int]  # tokens computed for each sequence this step
+    # The leading sequences that decode one token over KV computed in EARLIER steps. A sequence
+    # admitted this step may have one token left after prefix sharing, but the blocks it shares
+    # can be written by this very forward: it must read the cache after the write, not a copy.
+    num_steady_decodes: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -121,6 +125,7 @@ class Scheduler:
             break
         self.running = [s for s in self.running if s.status is SequenceStatus.RUNNING]
 
+        num_running = len(seqs)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if not seq.block_table:
@@ -138,8 +143,12 @@ class Scheduler:
             self.running.append(seq)
             self._schedule(seq, num_tokens, seqs, num_query_tokens)
             budget -= num_tokens
-        order = sorted(range(len(seqs)), key=lambda i: num_query_tokens[i] > 1)  # decodes first
-        return ScheduledBatch([seqs[i] for i in order], [num_query_tokens[i] for i in order])
+        # Steady decodes first (running before this step, one token), then everything else.
+        is_steady = [i < num_running and num_query_tokens[i] == 1 for i in range(len(seqs))]
+        order = sorted(range(len(seqs)), key=lambda i: not is_steady[i])
+        return ScheduledBatch(
+            [seqs[i] for i in order], [num_query_tokens[i] for i in order], num_steady_decodes=sum(is_steady)
+        )
 
     def _num_slots(self, seq: Sequence, num_tokens: int) -> int:
         """KV slots seq needs this step: its tokens, plus the lookahead when it samples."""

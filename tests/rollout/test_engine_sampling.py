@@ -140,3 +140,23 @@ def test_samples_of_one_prompt_prefill_it_once(make_engine, prompts):
     assert all(o.num_cached_prompt_tokens == 32 for o in outs[1:])
     solo = make_engine("llama", max_num_seqs=1).generate([prompt], params[3])[0]
     assert solo.token_ids == outs[3].token_ids
+
+
+@pytest.mark.parametrize("prompt_len", [33, 40])
+def test_siblings_sharing_blocks_written_in_the_same_step_get_exact_logprobs(
+    prompt_len, tiny_dirs, make_engine, prompts
+):
+    """Samples admitted with the prompt that computes their shared blocks may have a single token
+    left; they must read those blocks after this forward writes them (not a stale decode mirror)."""
+    prompt = prompts(n=1, seed=9, min_len=prompt_len, max_len=prompt_len)[0]
+    engine = make_engine("llama", max_num_seqs=8, block_size=8)
+    params = [SamplingParams(max_new_tokens=6, temperature=1.0, seed=s, ignore_eos=True) for s in range(4)]
+    outs = engine.generate([prompt] * 4, params)
+    assert all(o.num_cached_prompt_tokens == (prompt_len - 1) // 8 * 8 for o in outs[1:])
+    learner_model = load_model(str(tiny_dirs["llama"]), dtype="float32")
+    for out in outs:
+        ids = torch.tensor([prompt + out.token_ids])
+        with torch.no_grad():
+            logits = learner_model(ids)[0, len(prompt) - 1 : -1]
+        expected = sampling_logprobs(logits, torch.tensor(out.token_ids), 1.0)
+        torch.testing.assert_close(torch.tensor(out.logprobs), expected, rtol=0, atol=1e-5)
