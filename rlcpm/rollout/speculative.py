@@ -74,17 +74,17 @@ def stream_uniforms(seeds: Sequence[int], counters: Sequence[int], stream: int =
 
 
 def draft_sample(
-    subset_logits: torch.Tensor, params: SamplingBatch, uniforms: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+    subset_logits: torch.Tensor, params: SamplingBatch, uniforms: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Sample one draft token per row from q = softmax(filter(subset_logits / T)).
 
     subset_logits [M, Vs]; uniforms float64 [M]. Greedy rows take the argmax.
-    Returns (subset rows [M], q [M, Vs] float32).
+    Returns (subset rows [M], q [M, Vs] float32; None when every row is greedy).
     """
-    q = sampling_log_distribution(subset_logits, params.temperature, params.top_k, params.top_p).exp()
     greedy = subset_logits.argmax(dim=-1)
-    if params.is_all_greedy:
-        return greedy, q
+    if params.is_all_greedy:  # greedy acceptance compares ids only: q is never needed
+        return greedy, None
+    q = sampling_log_distribution(subset_logits, params.temperature, params.top_k, params.top_p).exp()
     sampled = inverse_cdf(q, uniforms)
     return torch.where(params.temperature.to(q.device) == 0, greedy, sampled), q
 
@@ -331,11 +331,14 @@ class SpeculativeDecoder:
             params = SamplingBatch.from_params(
                 [s.params for s in seqs], [s.seed for s in seqs], [s.num_generated + step for s in seqs]
             )
-            uniforms = torch.from_numpy(stream_uniforms(params.seeds, params.counters, _DRAFT_STREAM))
+            uniforms = None
+            if not params.is_all_greedy:
+                uniforms = torch.from_numpy(stream_uniforms(params.seeds, params.counters, _DRAFT_STREAM))
             sub, q = draft_sample(head(h), params, uniforms)
             draft_rows[rows, step] = sub
             draft_ids[rows, step] = head.to_full_ids(sub)
-            draft_probs[rows, step] = q
+            if q is not None:
+                draft_probs[rows, step] = q
             drafting = [i for i in drafting if num_drafts[i] > step + 1]
             if not drafting:
                 break
