@@ -73,6 +73,7 @@ def detect_isolation(level: str = "auto") -> Isolation:
         (p for p in ("/usr/bin/unshare", "/bin/unshare") if os.path.exists(p)), None
     )
     hide_dirs, expose_paths = _private_ancestors(_interpreter_paths())
+    expose_paths = _minimal([*expose_paths, *_under_replaced_dirs(_interpreter_paths())])
     namespaces_ok = is_root and unshare is not None and _unshare_works(unshare)
     if level == "namespaces" and not namespaces_ok:
         raise SandboxError(
@@ -131,9 +132,22 @@ def _private_ancestors(paths: tuple[str, ...]) -> tuple[list[str], list[str]]:
                 hide.setdefault(ancestor)
                 expose.append(path)
                 break
-    expose = sorted(set(expose))
-    minimal = [p for p in expose if not any(p != q and p.startswith(q + os.sep) for q in expose)]
-    return list(hide), minimal
+    return list(hide), _minimal(expose)
+
+
+# The launcher mounts fresh, empty areas on these: interpreter paths below them are bound back.
+REPLACED_DIRS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
+
+
+def _under_replaced_dirs(paths: tuple[str, ...]) -> list[str]:
+    """Interpreter paths (e.g. a virtualenv in /tmp) that the sandbox's fresh /tmp would hide."""
+    return [p for p in paths if any(p == d or p.startswith(d + os.sep) for d in REPLACED_DIRS)]
+
+
+def _minimal(paths: list[str]) -> list[str]:
+    """Sorted, without duplicates, and without paths that lie inside another listed path."""
+    unique = sorted(set(paths))
+    return [p for p in unique if not any(p != q and p.startswith(q + os.sep) for q in unique)]
 
 
 def processes_of_uid(uid: int, include_zombies: bool = False) -> list[int]:

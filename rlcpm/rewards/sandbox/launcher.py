@@ -53,13 +53,22 @@ def _read_job(fd: int) -> dict:
 def _private_filesystem(job: dict) -> None:
     """Fresh writable areas and hidden private directories, visible only inside this mount namespace."""
     tmpfs_flags = MS_NOSUID | MS_NODEV
-    _mount("tmpfs", "/tmp", "tmpfs", tmpfs_flags, f"size={job['disk_mb']}m,mode=1777")
+    # Stage the paths to keep (the interpreter's, which may live under /tmp or a private home)
+    # on a scratch tmpfs before /tmp and the private parents are covered. /dev/shm gets a
+    # fresh area below anyway, so it can serve as the scratch mount point.
+    stage_root = "/dev/shm" if os.path.isdir("/dev/shm") and not os.path.islink("/dev/shm") else None
+    if stage_root is not None:
+        _mount("tmpfs", stage_root, "tmpfs", tmpfs_flags, "size=1m,mode=700")
+    else:
+        _mount("tmpfs", "/tmp", "tmpfs", tmpfs_flags, f"size={job['disk_mb']}m,mode=1777")
     staged = []
     for i, path in enumerate(job["expose_paths"]):  # bind before the parent directory is hidden
-        stage = f"/tmp/.stage-{i}"
+        stage = f"{stage_root or '/tmp'}/.stage-{i}"
         os.mkdir(stage)
         _mount(path, stage, None, MS_BIND | MS_REC)
         staged.append((stage, path))
+    if stage_root is not None:
+        _mount("tmpfs", "/tmp", "tmpfs", tmpfs_flags, f"size={job['disk_mb']}m,mode=1777")
     for hidden in job["hide_dirs"]:
         _mount("tmpfs", hidden, "tmpfs", tmpfs_flags, "size=1m,mode=755")
     for stage, path in staged:
@@ -227,13 +236,15 @@ def main(argv: list[str]) -> int:
     os.chdir("/")
     try:
         job = _read_job(job_fd)
+        # Load the harness while the package directory is still visible: the private filesystem
+        # below hides /tmp, /root and other private directories the package may live under.
+        harness = _load_harness()
         if job["namespaces"]:
             _private_filesystem(job)
         _prepare_workdir(job)
         for cgroup in job["cgroups"]:  # memory and process caps for everything started from here
             with open(os.path.join(cgroup, "cgroup.procs"), "w") as procs:
                 procs.write(str(os.getpid()))
-        harness = _load_harness()
     except BaseException as err:  # noqa: BLE001 - an infrastructure failure, reported as such
         _write_status(status_fd, {"setup_error": f"{type(err).__name__}: {err}"})
         return 0
