@@ -129,6 +129,8 @@ def accept_drafts(
         num_accepted = accepted.long().cumprod(dim=-1).sum(dim=-1)  # [N] leading run of accepts
     else:
         num_accepted = torch.zeros(num_rows, dtype=torch.long, device=draft_ids.device)
+    if bool(is_greedy.all()):
+        return num_accepted, target_argmax[rows, num_accepted]
     p_next = target_logprobs[rows, num_accepted].exp()  # [N, V] target distribution at position n
     is_rejection = num_accepted < num_drafts
     if max_drafts and bool((is_rejection & ~is_greedy).any()):
@@ -422,18 +424,42 @@ class SpeculativeDecoder:
     # ---------------------------------------------------------------------------- forwards
 
     def _forward(self, model, cache: PagedKVCache, seqs, starts: list[int], token_lists: list[list[int]]):
-        """Paged forward of new tokens at positions start.. of each sequence: hidden [T, H]."""
-        new_lens = [len(tokens) for tokens in token_lists]
+        """Paged forward of new tokens at positions start.. of each sequence: hidden [T, H].
+
+        The metadata is built in Python (as the model runner does): a draft step is a tiny
+        forward, so per-call tensor bookkeeping would cost as much as the model itself."""
+        block_size = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        context_lens: list[int] = []
+        cu_seqlens = [0]
+        for seq, start, tokens in zip(seqs, starts, token_lists):
+            end = start + len(tokens)
+            table = seq.block_table
+            ids += tokens
+            positions += range(start, end)
+            slots += [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
+            context_lens.append(end)
+            cu_seqlens.append(cu_seqlens[-1] + len(tokens))
+        width = max(len(seq.block_table) for seq in seqs)
         device = cache.device
-        meta = AttentionMetadata.paged(
-            new_lens,
-            [s + n for s, n in zip(starts, new_lens)],
-            [seq.block_table for seq in seqs],
-            self.block_size,
-            device=device,
+        meta = AttentionMetadata(
+            cu_seqlens_q=torch.tensor(cu_seqlens, dtype=torch.int32, device=device),
+            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+            block_tables=torch.tensor(
+                [seq.block_table + [0] * (width - len(seq.block_table)) for seq in seqs],
+                dtype=torch.int32,
+                device=device,
+            ),
+            max_seqlen_q=max(len(tokens) for tokens in token_lists),
+            max_context_len=max(context_lens),
         )
-        ids = torch.tensor([t for tokens in token_lists for t in tokens], dtype=torch.long, device=device)
-        positions = torch.tensor(
-            [p for s, n in zip(starts, new_lens) for p in range(s, s + n)], dtype=torch.long, device=device
+        return model(
+            torch.tensor(ids, dtype=torch.long, device=device),
+            torch.tensor(positions, dtype=torch.long, device=device),
+            meta=meta,
+            kv_cache=cache,
+            return_hidden=True,
         )
-        return model(ids, positions, meta=meta, kv_cache=cache, return_hidden=True)
