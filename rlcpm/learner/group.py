@@ -14,6 +14,7 @@ share. Rank 0 picks the rendezvous address and port, and is the one that streams
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,17 @@ class LearnerRank:
                 yield bucket
 
 
+@dataclass
+class PendingCall:
+    """A learner call running on every rank (e.g. an update overlapping the next rollout)."""
+
+    refs: list
+
+    def result(self) -> Any:
+        """Wait for every rank; rank 0's result."""
+        return ray.get(self.refs)[0]
+
+
 class LearnerGroup:
     """Data-parallel learner ranks on Ray; see the module docstring."""
 
@@ -85,10 +97,14 @@ class LearnerGroup:
         master_addr, master_port = ray.get(self.ranks[0].rendezvous.remote())
         ray.get([rank.setup.remote(master_addr, master_port) for rank in self.ranks])
 
+    def start(self, method: str, *args: Any, **kwargs: Any) -> PendingCall:
+        """Start `Learner.method` on every rank without waiting; `.result()` waits for it."""
+        args = tuple(ray.put(a) for a in args)  # one copy in the object store, not one per rank
+        return PendingCall([rank.call.remote(method, *args, **kwargs) for rank in self.ranks])
+
     def _on_all_ranks(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Call `Learner.method` on every rank; returns rank 0's result."""
-        args = tuple(ray.put(a) for a in args)  # one copy in the object store, not one per rank
-        return ray.get([rank.call.remote(method, *args, **kwargs) for rank in self.ranks])[0]
+        return self.start(method, *args, **kwargs).result()
 
     # The Learner interface ------------------------------------------------------------------
 

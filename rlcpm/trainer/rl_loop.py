@@ -70,6 +70,7 @@ class GRPOTrainer:
         self.step = 0
         self.eval_before: dict[str, float] = {}
         self.last_groups: list[Group] = []
+        self._pending_update = None  # (learner call, start time) of an update in flight
         wandb_run_id = self._restore() if resume else None
         self.monitor = Monitor(
             recipe, self.run_dir, total_steps=recipe.learner.total_steps,
@@ -125,27 +126,34 @@ class GRPOTrainer:
         while self.step < total:
             self.step += 1
             metrics = self.train_step()
-            if (
-                self.eval_examples
-                and self.recipe.eval.every_steps
-                and self.step % self.recipe.eval.every_steps == 0
-            ):
+            ckpt = self.recipe.learner.checkpoint
+            is_checkpoint = self.step % ckpt.every_steps == 0 or (self.step == total and ckpt.save_final)
+            is_eval = bool(self.eval_examples and self.recipe.eval.every_steps) and (
+                self.step % self.recipe.eval.every_steps == 0
+            )
+            if is_checkpoint or is_eval or self.step == total:
+                metrics.update(self._finish_update())  # evaluate / save the updated weights
+            if is_eval:
                 metrics.update(self._evaluate())
             self.monitor.log(self.step, metrics)
-            ckpt = self.recipe.learner.checkpoint
-            if self.step % ckpt.every_steps == 0 or (self.step == total and ckpt.save_final):
+            if is_checkpoint:
                 self.save_checkpoint()
         return self._finish()
 
     def train_step(self) -> dict[str, float]:
+        """Rollout, then the update. With `rollout.max_staleness: 1` the update runs while the
+        NEXT step's rollout samples with the current weights (one step stale at most); its
+        `train/*` metrics are then reported with that next step."""
         start = time.perf_counter()
         groups, metrics = self.collect_groups()
         self.last_groups = groups  # the trained batch, for inspection
+        metrics.update(self._finish_update())  # the previous step's update, when it overlapped
         if not groups:
             log.warning(
                 "step %d: no group with a learning signal after over-sampling; skipping the update", self.step
             )
             return {**metrics, "train/skipped": 1.0, "perf/step_time_s": time.perf_counter() - start}
+        metrics.update(_batch_metrics(groups, self.rollout.version))
         rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)  # [N, G]
         batch = RLBatch.from_groups(groups, torch.zeros_like(rewards))
         if self.algo.kl_coef > 0 and self.algo.kl_in == "reward":
@@ -153,14 +161,23 @@ class GRPOTrainer:
         advantages = compute_advantages(rewards, self.algo.advantage, self.algo.std_eps)  # [N, G]
         for seq, advantage in zip(batch.sequences, advantages.flatten().tolist()):
             seq.advantage = advantage
-        learn_start = time.perf_counter()
-        metrics.update(self.learner.train_step(batch))
-        metrics["perf/learn_time_s"] = time.perf_counter() - learn_start
-        metrics.update(self._sync_weights())
-        metrics.update(_batch_metrics(groups, self.learner.policy_version - 1))
+        self._pending_update = (self.learner.start("train_step", batch), time.perf_counter())
+        if self.recipe.rollout.max_staleness == 0:
+            metrics.update(self._finish_update())
         metrics["perf/step_time_s"] = time.perf_counter() - start
         if self.recipe.logging.samples_every and self.step % self.recipe.logging.samples_every == 0:
             self.monitor.log_samples(self.step, self._sample_rows(groups))
+        return metrics
+
+    def _finish_update(self) -> dict[str, float]:
+        """Wait for the update in flight (if any), then stream its weights to the rollout workers."""
+        if self._pending_update is None:
+            return {}
+        call, started = self._pending_update
+        self._pending_update = None
+        metrics = call.result()
+        metrics["perf/learn_time_s"] = time.perf_counter() - started
+        metrics.update(self._sync_weights())
         return metrics
 
     def _kl_penalized(self, batch: RLBatch, rewards: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -292,6 +309,7 @@ class GRPOTrainer:
         return loop["wandb_run_id"]
 
     def _finish(self) -> TrainResult:
+        self._finish_update()
         summary: dict[str, float] = {}
         if self.eval_examples:
             after = self._evaluate()

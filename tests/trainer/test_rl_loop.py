@@ -209,3 +209,15 @@ def test_sparse_attention_recipe_trains_end_to_end(ray_session, model_dir, tmp_p
         dense_lp = sampling_logprobs(dense(ids[None])[0, start:-1], ids[start + 1 :], 1.0)
     assert torch.allclose(torch.tensor(traj.behaviour_logprobs), sparse_lp, atol=1e-5)
     assert not torch.allclose(sparse_lp, dense_lp, atol=1e-4)  # sparse really differs from dense here
+
+
+def test_one_step_overlap_samples_one_version_behind(ray_session, model_dir, tmp_path):
+    """rollout.max_staleness: 1 trains batch k while batch k+1 is sampled with the pre-update weights."""
+    recipe = make_recipe(
+        model_dir, tmp_path / "run", **{"rollout.max_staleness": 1, "learner.total_steps": 3}
+    )
+    history = [row for row in train(recipe).history if "rollout/staleness_mean" in row]
+    assert [row["rollout/staleness_mean"] for row in history] == [0.0, 1.0, 1.0]
+    # step 1 only samples; step 2 reports batch 1's update; the last step drains its own update too
+    assert "train/loss" not in history[0] and "train/loss" in history[1]
+    assert history[-1]["train/policy_version"] == 3
