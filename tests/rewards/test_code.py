@@ -159,7 +159,7 @@ def test_score_many_runs_programs_concurrently():
 
 def test_process_isolation_fallback_still_judges_and_kills(assert_no_survivors):
     """isolation='process': the documented fallback where namespaces are unavailable."""
-    assert code.score(GOOD_ADD, "assert add(2, 2) == 4", isolation="process") == 1.0
+    assert code.score(GOOD_ADD, "assert add(2, 2) == 4", isolation="process", timeout_s=10.0) == 1.0
     stubborn = (
         "```python\nimport signal, subprocess, time\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\n"
         "subprocess.Popen(['sleep', '30'])\ntime.sleep(30)\n```"
