@@ -19,7 +19,7 @@ log = logging.getLogger("rlcpm")
 
 # The few metrics shown on the progress line, in order, when present.
 _PROGRESS_KEYS = (
-    ("reward/mean", "reward"),
+    ("reward/total_mean", "reward"),
     ("reward/accuracy", "acc"),
     ("train/loss", "loss"),
     ("train/kl", "kl"),

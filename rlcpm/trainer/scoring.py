@@ -81,6 +81,5 @@ def reward_metrics(results: Sequence[RewardResult], labels: Sequence[str], prefi
     for label in labels:
         values = [r.components.get(label, 0.0) for r in results]
         metrics[f"{prefix}/{label}_accuracy"] = sum(v >= CORRECT_THRESHOLD for v in values) / len(values)
-    metrics[f"{prefix}/accuracy"] = metrics[f"{prefix}/{labels[0]}_accuracy"]
-    metrics[f"{prefix}/mean"] = metrics[f"{prefix}/total_mean"]
+    metrics[f"{prefix}/accuracy"] = metrics[f"{prefix}/{labels[0]}_accuracy"]  # the headline accuracy
     return metrics
