@@ -16,10 +16,9 @@
    packed export loaded by `load_model` (TernaryLinear layers, ternary matmul).
 
 `--demo-noise` sets the share of wrong demonstrations in the continued SFT data (the quickstart
-start was trained with 0.4 to leave RL headroom). `--task-options '{"num_steps": 1}'` changes
-the arithmetic generator's options everywhere (then the start is trained here, with the
-quickstart SFT recipe, instead of taken from the cache): the quickstart's tiny model stays near
-the floor on 1-2 step problems, so an easier variant shows the ratio on a measurable scale.
+start was trained with 0.4 to leave RL headroom). The task is the quickstart's (its SFT recipe's
+arithmetic options) unless `--task-options '{"num_steps": 1}'` (JSON) replaces them; then the
+start is trained here with the quickstart SFT recipe on that task instead of taken from the cache.
 Writes benchmarks/results/ternary_qat.json (or --out); the claim checked is packed QAT accuracy
 >= 90% of the full-precision control's.
 """
@@ -66,13 +65,21 @@ def heldout_accuracy(model_dir: Path, tokenizer_dir: Path, options: dict, max_ne
     return sum(math_reward.score(text, e.answer) for text, e in zip(texts, examples)) / len(examples)
 
 
+def quickstart_options() -> dict:
+    """The arithmetic generator options of the quickstart's SFT recipe (its task, not its split)."""
+    from rlcpm.config import load_recipe
+
+    options = dict(load_recipe(SFT_RECIPE).data.train.options)
+    return {k: v for k, v in options.items() if k not in ("partition", "demo_noise")}
+
+
 def start_model(args: argparse.Namespace, options: dict) -> Path:
     """The full-precision start: the cached quickstart SFT model, or one trained on `options`."""
     from rlcpm.config import load_recipe
     from rlcpm.quickstart import build_starting_model
     from rlcpm.trainer import train
 
-    if not options:
+    if options == quickstart_options():
         if not (SFT_MODEL / "config.json").is_file():
             build_starting_model(SFT_MODEL, SFT_RECIPE)
         return SFT_MODEL
@@ -126,13 +133,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--group-size", type=int, default=32)
     parser.add_argument("--rewarmup-steps", type=int, default=20)
-    parser.add_argument("--task-options", default="{}", help="arithmetic generator options (JSON)")
+    parser.add_argument(
+        "--task-options", default=None, help="arithmetic generator options (JSON); default: the quickstart's"
+    )
     parser.add_argument("--run-dir", default="runs/ternary_qat")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    options = json.loads(args.task_options)
+    options = json.loads(args.task_options) if args.task_options else quickstart_options()
     start = start_model(args, options)
     start_accuracy = heldout_accuracy(start, start, options)
 
