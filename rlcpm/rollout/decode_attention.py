@@ -1,19 +1,31 @@
-"""Decode attention over a contiguous mirror of the running batch's KV (CPU fast path).
+"""Decode attention over a contiguous mirror of the decoding sequences' KV (CPU fast path).
 
 The paged cache scatters a sequence's keys over blocks, so the dense backend gathers every
 decoding sequence's whole context, in every layer, at every step, before attention: on CPU
 that copy costs as much as the attention itself. Here the engine keeps a second, contiguous
-copy of the decoding sequences' KV, laid out the way SDPA reads it,
+copy of the decoding sequences' KV, laid out the way a batched matmul reads it,
 
-    mirror [2 (K/V), num_layers, rows, Hkv, capacity, D]     row r = r-th decoding sequence
+    mirror [2 (K/V), num_layers, rows, Hkv, capacity, D]
 
 and a decode step only appends each sequence's new key/value to its row (and to the paged
-cache, which stays the source of truth for prefill, prefix sharing and preemption). The mirror
-is rebuilt from the paged cache, in one gather for all layers, only when the set or order of
-decoding sequences changes (a sequence joins or leaves) or a context outgrows the capacity.
-Rows are keyed by (seq_id, kv_epoch): a sequence whose KV was freed and recomputed never
-reuses a stale row. Sequences with more than one new token (prefill chunks) in the same step
-go through the dense paged path unchanged. Costs one extra copy of the decoding batch's KV.
+cache, which stays the source of truth for prefill, prefix sharing and preemption).
+
+Rows are assigned, never rebuilt wholesale. A row belongs to a (seq_id, kv_epoch) key, so a
+sequence whose KV was freed and recomputed never reuses a stale row. A sequence that starts
+decoding is copied into a free row from the paged cache (one gather for all layers and all
+newcomers); a sequence that stops decoding frees its row, and the last rows move into the
+freed ones (a copy of the moved rows only), so the rows in use are always 0..S-1; the rows of
+sequences that keep decoding are never copied. The mirror grows when needed (old contents
+copied): rows to the batch size, capacity by 1.5x (at most the cache's slots). Queries are
+permuted into row order when it differs from the batch order. Sequences with more than one new token (prefill chunks) in the same step go through
+the dense paged path unchanged. Costs one extra copy of the decoding batch's KV.
+
+Attention per decoding sequence s and query head h (KV head h // G, G = Hq / Hkv):
+
+    out[s, h] = softmax(q[s, h] K[s]^T / sqrt(D), keys < context_s) V[s]
+
+as two batched matmuls over [S * Hkv] (G query rows each): one pass over each KV head for
+all G query heads that share it.
 """
 
 from __future__ import annotations
@@ -25,6 +37,13 @@ from rlcpm.models.kv_cache import PagedKVCache
 from rlcpm.models.metadata import AttentionMetadata
 
 _CAPACITY_STEP = 128
+_GROWTH = 1.5
+
+RowKey = tuple[int, int]  # (seq_id, kv_epoch)
+
+
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
 
 
 class MirroredDecodeAttention(DenseAttention):
@@ -33,49 +52,57 @@ class MirroredDecodeAttention(DenseAttention):
     def __init__(self, config):
         super().__init__(config)
         self.mirror: torch.Tensor | None = None
-        self.row_keys: list[tuple[int, int]] = []
-        self.row_lens: list[int] = []
+        self.row_of: dict[RowKey, int] = {}
+        self.row_lens: list[int] = []  # tokens held by each row in use (index = row)
         self.num_decode = 0
-        self.num_rebuilds = 0
+        self.num_row_loads = 0  # sequences copied in from the paged cache
+        self.num_row_moves = 0  # rows moved down into freed rows
+        self.num_grows = 0  # reallocations (more rows or capacity)
+        self._row_index: torch.Tensor | None = None  # [S] mirror row of each decoding sequence
+        self._is_identity = True  # row i holds decoding sequence i
         self._positions: torch.Tensor | None = None  # [S] cache position of each new token
-        self._rows: torch.Tensor | None = None  # [S] = arange(S)
-        self._mask: torch.Tensor | None = None  # [S, 1, 1, L] or None when every context is L
+        self._hidden: torch.Tensor | None = None  # [S, 1, 1, L] keys a row must not see, or None
         self._max_context = 0
         self._rest_meta: AttentionMetadata | None = None
 
     def invalidate(self) -> None:
         """Forget every row (the KV it mirrors changed, e.g. new weights)."""
-        self.row_keys, self.row_lens = [], []
+        self.row_of, self.row_lens = {}, []
 
-    def prepare(
-        self, kv_cache: PagedKVCache, meta: AttentionMetadata, row_keys: list[tuple[int, int]]
-    ) -> None:
+    # ------------------------------------------------------------------------------ planning
+
+    def prepare(self, kv_cache: PagedKVCache, meta: AttentionMetadata, row_keys: list[RowKey]) -> None:
         """Plan a step whose first ``len(row_keys)`` sequences decode one token each."""
         num_decode = len(row_keys)
         self.num_decode = num_decode
-        if num_decode == 0:
+        if num_decode == 0:  # rows stay valid: a row is reused only if its key and length match
             return
         context_after = meta.context_lens[:num_decode].tolist()
         context_before = [n - 1 for n in context_after]
+        rows, loads, moves = self._assign_rows(row_keys, context_before)
         max_context = max(context_after)
-        if (
-            row_keys != self.row_keys
-            or context_before != self.row_lens
-            or not self._fits(num_decode, max_context)
-        ):
-            self._rebuild(kv_cache, meta.block_tables[:num_decode], context_before, max_context)
-            self.row_keys = list(row_keys)
-        self.row_lens = context_after
+        self._ensure_size(kv_cache, num_decode, max_context)
+        if moves:
+            self._move_rows(moves)
+        if loads:
+            self._load_rows(kv_cache, meta.block_tables, loads, rows, context_before)
+        self.row_of = dict(zip(row_keys, rows))
+        self.row_lens = [0] * num_decode
+        for row, n in zip(rows, context_after):
+            self.row_lens[row] = n
+
         device = meta.context_lens.device
+        self._is_identity = rows == list(range(num_decode))
+        self._row_index = torch.tensor(rows, dtype=torch.long, device=device)
         self._positions = torch.tensor(context_before, dtype=torch.long, device=device)
-        self._rows = torch.arange(num_decode, device=device)
         self._max_context = max_context
-        self._mask = None
+        self._hidden = None
         if min(context_after) != max_context:
+            row_context = meta.context_lens[:num_decode]
+            if not self._is_identity:
+                row_context = torch.empty_like(row_context).index_copy_(0, self._row_index, row_context)
             keys = torch.arange(max_context, device=device)
-            self._mask = (keys[None, :] < meta.context_lens[:num_decode, None]).view(
-                num_decode, 1, 1, max_context
-            )
+            self._hidden = (keys[None, :] >= row_context[:, None]).view(num_decode, 1, 1, max_context)
         self._rest_meta = None
         if num_decode < meta.num_seqs:
             cu = meta.cu_seqlens_q[num_decode:]
@@ -86,38 +113,86 @@ class MirroredDecodeAttention(DenseAttention):
                 block_tables=meta.block_tables[num_decode:],
             )
 
-    def _fits(self, num_rows: int, max_context: int) -> bool:
-        return (
-            self.mirror is not None
-            and self.mirror.shape[2] >= num_rows
-            and self.mirror.shape[4] >= max_context
-        )
+    def _assign_rows(
+        self, row_keys: list[RowKey], context_before: list[int]
+    ) -> tuple[list[int], list[int], list[tuple[int, int]]]:
+        """Rows 0..S-1 for the S decoding sequences: (row of each, sequences to load from the
+        paged cache, (from, to) row moves). Sequences that keep decoding keep their row unless
+        it is >= S, in which case it moves down into a freed row."""
+        num_decode = len(row_keys)
+        rows = [-1] * num_decode
+        loads = []
+        for index, (key, length) in enumerate(zip(row_keys, context_before)):
+            row = self.row_of.get(key)
+            if row is not None and self.row_lens[row] == length:
+                rows[index] = row
+            else:
+                loads.append(index)
+        taken = {row for row in rows if 0 <= row < num_decode}
+        free = iter(row for row in range(num_decode) if row not in taken)
+        moves = []
+        for index, row in enumerate(rows):
+            if row >= num_decode:
+                rows[index] = next(free)
+                moves.append((row, rows[index]))
+        for index in loads:
+            rows[index] = next(free)
+        return rows, loads, moves
 
-    def _rebuild(
-        self, kv_cache: PagedKVCache, block_tables: torch.Tensor, context_before: list[int], max_context: int
+    def _ensure_size(self, kv_cache: PagedKVCache, num_rows: int, max_context: int) -> None:
+        mirror = self.mirror
+        if mirror is not None and mirror.shape[2] >= num_rows and mirror.shape[4] >= max_context:
+            return
+        old_rows, old_capacity = (0, 0) if mirror is None else (mirror.shape[2], mirror.shape[4])
+        rows = max(num_rows, old_rows)
+        capacity = old_capacity
+        if max_context > old_capacity:
+            capacity = _round_up(max(max_context, int(old_capacity * _GROWTH)), _CAPACITY_STEP)
+            capacity = min(capacity, max(_round_up(kv_cache.num_slots, _CAPACITY_STEP), max_context))
+        # zeros, not empty: keys past a row's context are masked, but softmax(scores) @ V still
+        # multiplies them by 0, and 0 * NaN from uninitialised memory would poison the output
+        new = kv_cache.storage.new_zeros(
+            2, kv_cache.num_layers, rows, kv_cache.num_kv_heads, capacity, kv_cache.head_dim
+        )
+        if mirror is not None and self.row_lens:
+            used, length = len(self.row_lens), max(self.row_lens)
+            new[:, :, :used, :, :length].copy_(mirror[:, :, :used, :, :length])
+        self.mirror = new
+        self.num_grows += 1
+
+    def _move_rows(self, moves: list[tuple[int, int]]) -> None:
+        sources, targets = zip(*moves)
+        length = max(self.row_lens[row] for row in sources)
+        src = torch.tensor(sources, dtype=torch.long, device=self.mirror.device)
+        dst = torch.tensor(targets, dtype=torch.long, device=self.mirror.device)
+        # every target is a freed row < S and every source a row >= S: no overlap
+        self.mirror[:, :, dst, :, :length] = self.mirror[:, :, src, :, :length]
+        self.num_row_moves += len(moves)
+
+    def _load_rows(
+        self,
+        kv_cache: PagedKVCache,
+        block_tables: torch.Tensor,
+        loads: list[int],
+        rows: list[int],
+        context_before: list[int],
     ) -> None:
+        """Copy the cached KV of the sequences ``loads`` (batch indices) into their rows."""
         block_size = kv_cache.block_size
-        num_rows = len(context_before)
-        num_blocks = -(-max(context_before) // block_size) if max(context_before) else 0
-        capacity = -(-max(max_context, num_blocks * block_size) // _CAPACITY_STEP) * _CAPACITY_STEP
-        if not self._fits(num_rows, capacity):
-            old_rows = 0 if self.mirror is None else self.mirror.shape[2]
-            # zeros, not empty: masked positions still enter softmax(scores) @ V, and 0 * NaN
-            # from uninitialised memory would poison the output
-            self.mirror = kv_cache.storage.new_zeros(
-                2,
-                kv_cache.num_layers,
-                max(num_rows, old_rows),
-                kv_cache.num_kv_heads,
-                capacity,
-                kv_cache.head_dim,
-            )
-        if num_blocks:
-            table = block_tables[:, :num_blocks].long().clamp(min=0)  # [S, nb]
-            gathered = kv_cache.storage[:, :, table]  # [2, L, S, nb, bs, Hkv, D]
-            gathered = gathered.flatten(3, 4).transpose(3, 4)  # [2, L, S, Hkv, nb * bs, D]
-            self.mirror[:, :, :num_rows, :, : num_blocks * block_size].copy_(gathered)
-        self.num_rebuilds += 1
+        longest = max(context_before[index] for index in loads)
+        self.num_row_loads += len(loads)
+        if longest == 0:
+            return
+        num_blocks = -(-longest // block_size)
+        device = block_tables.device
+        batch_index = torch.tensor(loads, dtype=torch.long, device=device)
+        table = block_tables[batch_index, :num_blocks].long().clamp(min=0)  # [n, nb]
+        gathered = kv_cache.storage[:, :, table]  # [2, L, n, nb, bs, Hkv, D]
+        gathered = gathered.flatten(3, 4)[:, :, :, :longest].transpose(3, 4)  # [2, L, n, Hkv, longest, D]
+        target = torch.tensor([rows[index] for index in loads], dtype=torch.long, device=self.mirror.device)
+        self.mirror[:, :, target, :, :longest] = gathered
+
+    # ------------------------------------------------------------------------------- forward
 
     def forward(self, q, k, v, meta, layer_idx, kv_cache=None):
         num_decode = self.num_decode
@@ -125,20 +200,39 @@ class MirroredDecodeAttention(DenseAttention):
             return super().forward(q, k, v, meta, layer_idx, kv_cache)
         k_slots, v_slots = kv_cache.flat(layer_idx)  # decode slots are never -1: no filtering needed
         slots = meta.slot_mapping[:num_decode]
-        k_slots.index_copy_(0, slots, k[:num_decode].to(k_slots.dtype))
-        v_slots.index_copy_(0, slots, v[:num_decode].to(v_slots.dtype))
+        k_new, v_new = k[:num_decode], v[:num_decode]
+        k_slots.index_copy_(0, slots, k_new.to(k_slots.dtype))
+        v_slots.index_copy_(0, slots, v_new.to(v_slots.dtype))
         k_rows, v_rows = self.mirror[0, layer_idx], self.mirror[1, layer_idx]  # [R, Hkv, cap, D]
-        k_rows[self._rows, :, self._positions] = k[:num_decode].to(k_rows.dtype)
-        v_rows[self._rows, :, self._positions] = v[:num_decode].to(v_rows.dtype)
+        k_rows[self._row_index, :, self._positions] = k_new.to(k_rows.dtype)
+        v_rows[self._row_index, :, self._positions] = v_new.to(v_rows.dtype)
         keys = k_rows[:num_decode, :, : self._max_context].to(q.dtype)
         values = v_rows[:num_decode, :, : self._max_context].to(q.dtype)
-        out = self._sdpa(q[:num_decode, :, None], keys, values, attn_mask=self._mask)[:, :, 0]  # [S, Hq, D]
+        q_new = q[:num_decode]
+        if self._is_identity:
+            out = self._attend_rows(q_new, keys, values)
+        else:  # rows are in mirror order: queries in, outputs back out
+            q_rows = torch.empty_like(q_new).index_copy_(0, self._row_index, q_new)
+            out = self._attend_rows(q_rows, keys, values).index_select(0, self._row_index)
         if self._rest_meta is None:
             return out
         rest = super().forward(
             q[num_decode:], k[num_decode:], v[num_decode:], self._rest_meta, layer_idx, kv_cache
         )
         return torch.cat([out, rest])
+
+    def _attend_rows(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """q [S, Hq, D], keys/values [S, Hkv, L, D] (row s = sequence s) -> [S, Hq, D]."""
+        num_seqs, num_heads, head_dim = q.shape
+        num_kv_heads, context = keys.shape[1], keys.shape[2]
+        group = num_heads // num_kv_heads
+        q_rows = (q * self.scale).reshape(num_seqs * num_kv_heads, group, head_dim)
+        scores = torch.bmm(q_rows, keys.reshape(num_seqs * num_kv_heads, context, head_dim).transpose(1, 2))
+        if self._hidden is not None:
+            scores.view(num_seqs, num_kv_heads, group, context).masked_fill_(self._hidden, float("-inf"))
+        probs = scores.softmax(dim=-1)  # [S Hkv, G, L]
+        out = torch.bmm(probs, values.reshape(num_seqs * num_kv_heads, context, head_dim))
+        return out.view(num_seqs, num_heads, head_dim)
 
 
 def install_mirrored_decode_attention(model: torch.nn.Module) -> MirroredDecodeAttention | None:

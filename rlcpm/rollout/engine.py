@@ -27,6 +27,7 @@ import torch
 from rlcpm.errors import EngineError, RequestError
 from rlcpm.models.kv_cache import PagedKVCache
 from rlcpm.rollout.block_manager import BlockManager
+from rlcpm.rollout.fused_decoder import can_fuse
 from rlcpm.rollout.model_runner import ModelRunner
 from rlcpm.rollout.packed_linear import pack_linear_layers
 from rlcpm.rollout.sampling import SamplingBatch, SamplingParams, sample
@@ -73,6 +74,10 @@ class Engine:
         decode_mirror: on CPU with dense attention, decode over a contiguous copy of the
             running batch's KV (rlcpm.rollout.decode_attention) instead of gathering the
             paged cache every step.
+        fused_decoder: on CPU in float32 with dense attention, run steps through the engine's
+            FusedDecoder (rlcpm.rollout.fused_decoder: fused q/k/v and gate/up projections, one
+            rotation per layer, fewer operators; its own (packed) copy of the linear weights,
+            refreshed whenever the model's parameters change) instead of the model's forward.
         drafter: speculative decoding (rlcpm.rollout.speculative): a draft model sharing the
             tokenizer, its (FR-Spec) head and k; its KV cache shares the target's block ids,
             and the KV budget pays for both.
@@ -93,6 +98,7 @@ class Engine:
         seed: int = 0,
         pack_linears: bool = True,
         decode_mirror: bool = True,
+        fused_decoder: bool = True,
         drafter: Drafter | None = None,
     ):
         config = model.config
@@ -129,11 +135,14 @@ class Engine:
             self.max_model_len,
             num_lookahead_tokens=drafter.num_draft_tokens if drafter is not None else 0,
         )
-        if pack_linears:
+        use_mirror = decode_mirror and drafter is None
+        # the fused decoder keeps its own packed weights: packing the model too would copy them twice
+        use_fused = fused_decoder and drafter is None and can_fuse(model)
+        if pack_linears and not use_fused:
             pack_linear_layers(model)
             if drafter is not None:
                 drafter.pack_linears()
-        self.runner = ModelRunner(model, self.kv_cache, decode_mirror and drafter is None)
+        self.runner = ModelRunner(model, self.kv_cache, use_mirror, use_fused, pack_linears)
         self.speculator = (
             SpeculativeDecoder(model, self.kv_cache, drafter, self.max_model_len)
             if drafter is not None

@@ -1,5 +1,8 @@
 """One engine step on the model: scheduled batch -> packed tensors + AttentionMetadata -> one
-forward over the paged KV cache -> logits at each sampling sequence's last new token."""
+forward over the paged KV cache -> logits at each sampling sequence's last new token.
+
+The forward is the model's own, or, for float32 CPU models with dense attention, the engine's
+FusedDecoder over the same parameters (rlcpm.rollout.fused_decoder)."""
 
 from __future__ import annotations
 
@@ -8,16 +11,25 @@ import torch
 from rlcpm.models.kv_cache import PagedKVCache
 from rlcpm.models.metadata import AttentionMetadata
 from rlcpm.rollout.decode_attention import install_mirrored_decode_attention
+from rlcpm.rollout.fused_decoder import FusedDecoder, can_fuse
 from rlcpm.rollout.scheduler import ScheduledBatch
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, kv_cache: PagedKVCache, decode_mirror: bool = True):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_cache: PagedKVCache,
+        decode_mirror: bool = True,
+        fused: bool = True,
+        pack_linears: bool = True,
+    ):
         self.model = model
         self.kv_cache = kv_cache
         self.block_size = kv_cache.block_size
         self.device = kv_cache.device
         self.decode_backend = install_mirrored_decode_attention(model) if decode_mirror else None
+        self.fused = FusedDecoder(model, pack=pack_linears) if fused and can_fuse(model) else None
 
     def prepare(
         self, batch: ScheduledBatch
@@ -68,6 +80,11 @@ class ModelRunner:
         if self.decode_backend is not None:
             keys = [(seq.seq_id, seq.kv_epoch) for seq in batch.seqs[: batch.num_steady_decodes]]
             self.decode_backend.prepare(self.kv_cache, meta, keys)
+        if self.fused is not None:
+            rows = None
+            if len(sample_rows) != ids.shape[0]:
+                rows = torch.tensor(sample_rows, dtype=torch.long, device=ids.device)
+            return self.fused(ids, positions, meta, self.kv_cache, rows)
         hidden = self.model(ids, positions, meta=meta, kv_cache=self.kv_cache, return_hidden=True)  # [T, H]
         if len(sample_rows) != hidden.shape[0]:
             hidden = hidden[torch.tensor(sample_rows, dtype=torch.long, device=hidden.device)]

@@ -1,5 +1,6 @@
-"""The mirrored decode attention (CPU fast path) gives the dense paged backend's results, and is
-rebuilt only when the set of decoding sequences changes."""
+"""The mirrored decode attention (CPU fast path) gives the dense paged backend's results; a
+sequence is copied into the mirror once, when it starts decoding, and rows move only when
+sequences leave."""
 
 from __future__ import annotations
 
@@ -9,17 +10,26 @@ from rlcpm.rollout import Request, SamplingParams
 from rlcpm.rollout.decode_attention import MirroredDecodeAttention
 
 
-def test_mirror_is_appended_in_steady_state_and_rebuilt_when_the_batch_changes(make_engine, prompts):
+def test_mirror_rows_are_loaded_once_and_moved_only_when_sequences_leave(make_engine, prompts):
     engine = make_engine("llama", max_num_seqs=4, max_num_batched_tokens=256)
     backend = engine.runner.decode_backend
     assert isinstance(backend, MirroredDecodeAttention)
     params = SamplingParams(max_new_tokens=20, temperature=0, ignore_eos=True)
     engine.generate(prompts(n=4, seed=13), params)
-    assert backend.num_rebuilds == 1  # built once when the 4 sequences started decoding
-    # sequences leaving at different steps: one rebuild per change of the decoding set
+    # each sequence copied in once when it started decoding, then appended to in place
+    assert backend.num_row_loads == 4 and backend.num_row_moves == 0
+    # sequences leaving at different steps (batch rows 0, 1, 2 first): the last row moves down
+    # into the freed row while it is above the batch, the others stay where they are
     lengths = [SamplingParams(max_new_tokens=n, temperature=0, ignore_eos=True) for n in (5, 10, 15, 20)]
-    engine.generate(prompts(n=4, seed=14), lengths)
-    assert backend.num_rebuilds == 1 + 4
+    batch = prompts(n=4, seed=14)
+    outs = engine.generate(batch, lengths)
+    assert backend.num_row_loads == 4 + 4 and backend.num_row_moves == 2
+    plain = make_engine("llama", max_num_seqs=4, max_num_batched_tokens=256, decode_mirror=False)
+    for out, expected in zip(outs, plain.generate(batch, lengths)):
+        assert out.token_ids == expected.token_ids
+        torch.testing.assert_close(
+            torch.tensor(out.logprobs), torch.tensor(expected.logprobs), rtol=0, atol=1e-5
+        )
 
 
 def test_mirrored_and_plain_paged_attention_agree_with_prefill_chunks_mixed_in(make_engine, prompts):
@@ -31,6 +41,8 @@ def test_mirrored_and_plain_paged_attention_agree_with_prefill_chunks_mixed_in(m
         engine = make_engine("qwen3", max_num_seqs=3, max_num_batched_tokens=24, decode_mirror=mirror)
         assert (engine.runner.decode_backend is not None) == mirror
         outputs[mirror] = engine.generate([Request(i, p, params[i]) for i, p in enumerate(batch)])
+        if mirror:  # sequences joined and left at different steps: rows were loaded and moved
+            assert engine.runner.decode_backend.num_row_moves > 0
     for with_mirror, plain in zip(outputs[True], outputs[False]):
         assert with_mirror.token_ids == plain.token_ids
         torch.testing.assert_close(
