@@ -7,7 +7,8 @@ rlcpm.models, rlcpm.rollout, rlcpm.rewards, rlcpm.learner, rlcpm.kernels, rlcpm.
 from rlcpm.config import Recipe, load_recipe
 from rlcpm.errors import RlcpmError
 from rlcpm.rewards import Sample, reward
+from rlcpm.trainer import TrainResult, train
 
 __version__ = "0.1.0"
 
-__all__ = ["Recipe", "RlcpmError", "Sample", "__version__", "load_recipe", "reward"]
+__all__ = ["Recipe", "RlcpmError", "Sample", "TrainResult", "__version__", "load_recipe", "reward", "train"]
