@@ -255,6 +255,7 @@ class GRPOTrainer:
             "perf/reward_time_s": reward_s,
             "perf/tokens_per_s": num_tokens / sampling_s if sampling_s > 0 else 0.0,
             "rollout/generated_tokens": num_tokens,
+            **self.rollout.speculation_metrics(),
         }
         return groups, metrics
 

@@ -25,6 +25,7 @@ from rlcpm.trainer.chunk_scheduler import ChunkRequest, ChunkResult
 log = logging.getLogger("rlcpm.trainer")
 
 MAX_RETRIES = 3
+SPEC_COUNTERS = ("spec_num_rounds", "spec_draft_tokens", "spec_accepted_tokens")  # engine_stats keys
 
 
 @dataclass
@@ -49,6 +50,7 @@ class RolloutPool:
         self._weights_ref = None  # the last weights pushed, for replacement workers
         self._affinity: dict[str, int] = {}  # group id -> worker index (same weights, reusable KV)
         self.num_restarts = 0
+        self._spec_seen: dict[int, dict[str, int]] = {}  # worker index -> last speculation counters
         self.workers = [self._spawn() for _ in range(recipe.rollout.workers)]
         ray.get([w.health.remote() for w in self.workers])
 
@@ -199,6 +201,28 @@ class RolloutPool:
         import ray
 
         return ray.get([w.stats.remote() for w in self.workers])
+
+    def speculation_metrics(self) -> dict[str, float]:
+        """Speculative decoding since the last call, over every worker: mean acceptance length
+        (tokens per target verification) and the fraction of drafted tokens accepted. Empty
+        without a draft. The draft is not trained by RL, so these fall as the policy moves away
+        from it: watch them over a run."""
+        if self.recipe.rollout.speculative is None:
+            return {}
+        delta = dict.fromkeys(SPEC_COUNTERS, 0)
+        for index, stats in enumerate(self.stats()):
+            now = {key: stats.get(key, 0) for key in SPEC_COUNTERS}
+            before = self._spec_seen.get(index, {})
+            restarted = any(now[key] < before.get(key, 0) for key in SPEC_COUNTERS)  # counters reset
+            for key in SPEC_COUNTERS:
+                delta[key] += now[key] - (0 if restarted else before.get(key, 0))
+            self._spec_seen[index] = now
+        rounds, drafted, accepted = (delta[key] for key in SPEC_COUNTERS)
+        return {
+            "rollout/spec_acceptance_len": 1 + accepted / rounds if rounds else 0.0,
+            "rollout/spec_acceptance_rate": accepted / drafted if drafted else 0.0,
+            "rollout/spec_rounds": float(rounds),
+        }
 
     def kill_worker(self, index: int) -> None:
         """Kill a worker (fault-injection in tests and benchmarks); the next round replaces it."""

@@ -39,6 +39,8 @@ def test_rollout_pool_workers_decode_speculatively(ray_session, tiny_dirs, tmp_p
         assert stats["spec_draft_tokens"] > 0
         assert stats["spec_accepted_tokens"] == stats["spec_draft_tokens"]
         assert stats["spec_acceptance_len"] > 3
+        metrics = pool.speculation_metrics()  # what the RL loop logs each step
+        assert metrics["rollout/spec_acceptance_rate"] == 1.0 and metrics["rollout/spec_acceptance_len"] > 3
 
         # RL weight sync: the target changes, the draft stays -> drafts now get rejected
         from rlcpm.models import load_model
@@ -53,5 +55,8 @@ def test_rollout_pool_workers_decode_speculatively(ray_session, tiny_dirs, tmp_p
         new_accepts = after["spec_accepted_tokens"] - stats["spec_accepted_tokens"]
         assert new_drafts > 0 and new_accepts < new_drafts
         assert torch.isfinite(torch.tensor(after["spec_acceptance_rate"]))
+        metrics = pool.speculation_metrics()  # only the rounds since the last call
+        assert metrics["rollout/spec_acceptance_rate"] == new_accepts / new_drafts
+        assert pool.speculation_metrics()["rollout/spec_rounds"] == 0
     finally:
         pool.close()
