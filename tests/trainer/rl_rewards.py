@@ -5,3 +5,9 @@ def first_token_even(sample) -> float:
     """1.0 when the response's first token id is even: a coin flip per response for a random model."""
     ids = sample.response_token_ids or [1]
     return 1.0 if ids[0] % 2 == 0 else 0.0
+
+
+def first_token_multiple_of_4(sample) -> float:
+    """1.0 with probability ~1/4 per response: about a third of the groups of 4 are all 0."""
+    ids = sample.response_token_ids or [1]
+    return 1.0 if ids[0] % 4 == 0 else 0.0
