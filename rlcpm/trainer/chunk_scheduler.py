@@ -46,12 +46,15 @@ class PromptStream:
         self.seed = seed
         self.shuffle = shuffle
         self.position = 0
+        self._epoch_order: tuple[int, list[int]] | None = None  # (epoch, its order), made once per epoch
 
     def _order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.examples)))
-        if self.shuffle:
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            order = list(range(len(self.examples)))
+            if self.shuffle:
+                random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            self._epoch_order = (epoch, order)
+        return self._epoch_order[1]
 
     def next(self):
         epoch, index = divmod(self.position, len(self.examples))

@@ -40,6 +40,7 @@ from rlcpm.trainer.trajectory import Group
 
 log = logging.getLogger("rlcpm.trainer")
 
+SHORTFALL_Z = 1.5  # in-flight groups: a round falls short of N with probability ~7%
 RATE_EMA = 0.5  # weight of the old value in the pass / finish rate averages
 
 
@@ -213,7 +214,7 @@ class GRPOTrainer:
         while len(self.buffer) < n_groups and tried < max_groups:
             need = n_groups - len(self.buffer)
             yield_rate = max(self.pass_rate * self.finish_rate, 1.0 / self.algo.max_oversample)
-            target = min(math.ceil(need / yield_rate), max_groups)
+            target = min(groups_in_flight_for(need, yield_rate), max_groups)
             self.chunks.top_up(max(0, target - self.chunks.num_in_flight_groups))
             in_flight = self.chunks.num_in_flight_groups
             requests = self.chunks.next_requests()
@@ -357,6 +358,20 @@ class GRPOTrainer:
                     log.warning("closing %s: %s", name, err)
         if getattr(self, "started_ray", False) and ray.is_initialized():
             ray.shutdown()
+
+
+def groups_in_flight_for(need: int, yield_rate: float, z: float = SHORTFALL_Z) -> int:
+    """Groups to keep in flight so that one round yields `need` groups with high probability.
+
+    Each in-flight group finishes and passes the filter with probability ~`yield_rate`, so t
+    groups yield ~Binomial(t, y): the smallest t with t*y - z*sqrt(t*y*(1-y)) >= need. A round
+    that falls a group or two short costs a whole extra round (up to chunk_tokens more decoding
+    steps); surplus groups wait in the training buffer for the next step instead. With y = 1
+    (synchronous rollout, no filter) this is exactly `need`.
+    """
+    spread = z * math.sqrt(yield_rate * (1 - yield_rate))
+    root = (spread + math.sqrt(spread**2 + 4 * yield_rate * need)) / (2 * yield_rate)
+    return math.ceil(root**2 - 1e-9)
 
 
 def _ema(old: float, new: float) -> float:

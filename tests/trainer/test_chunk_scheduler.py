@@ -115,3 +115,17 @@ def test_overlong_and_repetition_masks():
         False,
         True,
     ]
+
+
+def test_groups_in_flight_make_one_round_enough_with_high_probability():
+    from scipy.stats import binom
+
+    from rlcpm.trainer.rl_loop import groups_in_flight_for
+
+    for need in (1, 4, 16, 64):
+        assert groups_in_flight_for(need, 1.0) == need  # synchronous, no filter: exactly N
+        for rate in (0.1, 0.3, 0.6, 0.9):
+            target = groups_in_flight_for(need, rate)
+            assert binom.sf(need - 1, target, rate) >= 0.9  # P(at least `need` finish and pass)
+        # the margin shrinks relative to the batch as it grows (a z-sigma margin, not a factor)
+        assert groups_in_flight_for(need, 0.6) <= need / 0.6 * (1.25 if need >= 64 else 3.0)
