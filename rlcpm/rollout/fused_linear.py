@@ -3,11 +3,15 @@
 ``FusedLinear([q_proj, k_proj, v_proj])(x)`` computes ``cat([q_proj(x), k_proj(x), v_proj(x)], -1)``
 with ONE matrix multiply over a weight built by concatenating the layers' weights along the
 output dimension, ``W = [Wq; Wk; Wv]`` ([sum N_i, K]), and their biases (zeros where a layer has
-none). On CPU in float32 a large enough ``W`` is prepacked for oneDNN
-(``torch.ops.mkldnn._linear_pointwise``, see rlcpm.rollout.packed_linear); a smaller one is
-kept transposed, ``W^T`` [K, N] contiguous, for ``addmm(b, x, W^T)`` (measured 10-25% faster
-than ``F.linear``'s transposed-operand GEMM on decode shapes with cold caches). Each output column is the same dot product the separate layer computes (the sum
-order inside a GEMM may differ, so results agree to rounding).
+none). The weight is kept transposed, ``W^T`` [K, N] contiguous, for ``addmm(b, x, W^T)``
+(faster than ``F.linear``'s transposed-operand GEMM on decode shapes: up to 2x at 8 rows).
+On CPU in float32 a large enough ``W`` is also prepacked for oneDNN
+(``torch.ops.mkldnn._linear_pointwise``, see rlcpm.rollout.packed_linear). Measured on the
+development VM's Xeon, one thread: the packed call is 5-15% faster than the plain GEMM at 32
+rows, but 10-50% slower at 1-16 rows, except for a weight larger than the caches (an LM
+head), where it wins from 2 rows. Each call picks by its number of rows. Each output column is
+the same dot product the separate layer computes (the sum order inside a GEMM may differ, so
+results agree to rounding).
 
 The copy follows the source layers: ``refresh()`` rebuilds it when any source weight or bias
 changed in place (its version counter moved: ``update_weights``, an optimizer step) or was
@@ -24,6 +28,10 @@ from rlcpm.rollout.packed_linear import is_packing_available
 
 # Below this many weights a packed oneDNN call's fixed cost (~20-30 us) outweighs what it saves.
 MIN_PACKED_NUMEL = 1 << 18
+# When a packed copy exists, calls with at least this many rows use it (fewer: the plain GEMM);
+# weights past the caches (>= PACKED_LARGE_NUMEL, e.g. an LM head) use it from 2 rows.
+PACKED_MIN_ROWS = 32
+PACKED_LARGE_NUMEL = 1 << 22
 
 
 def _tensor_key(tensor: torch.Tensor | None) -> tuple[int, int]:
@@ -37,9 +45,10 @@ class FusedLinear:
         self.linears = list(linears)
         self.out_features = [linear.out_features for linear in self.linears]
         self.allow_packing = pack
-        self.weight: torch.Tensor | None = None  # oneDNN-packed [N, K], or plain W^T [K, N]
+        self.weight: torch.Tensor | None = None  # W^T [K, N]
+        self.packed_weight: torch.Tensor | None = None  # oneDNN-packed [N, K] (large CPU float32 weights)
         self.bias: torch.Tensor | None = None  # [N] or None
-        self.is_packed = False
+        self.packed_min_rows = PACKED_MIN_ROWS
         self._key: tuple = ()
         self.num_refreshes = 0
 
@@ -54,17 +63,18 @@ class FusedLinear:
         with torch.no_grad():
             weights = [linear.weight.detach() for linear in self.linears]
             weight = weights[0] if len(weights) == 1 else torch.cat(weights)
-            self.is_packed = (
+            is_packable = (
                 self.allow_packing
                 and weight.device.type == "cpu"
                 and weight.dtype == torch.float32
                 and weight.numel() >= MIN_PACKED_NUMEL
                 and is_packing_available()
             )
-            if self.is_packed:
-                self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, batch_size=32)
-            else:
-                self.weight = weight.t().contiguous()  # [K, N]
+            self.packed_weight = (
+                torch.ops.mkldnn._reorder_linear_weight(weight, batch_size=32) if is_packable else None
+            )
+            self.weight = weight.t().contiguous()  # [K, N]
+            self.packed_min_rows = 2 if weight.numel() >= PACKED_LARGE_NUMEL else PACKED_MIN_ROWS
             self.bias = None
             if any(linear.bias is not None for linear in self.linears):
                 self.bias = torch.cat(
@@ -81,8 +91,8 @@ class FusedLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        if self.is_packed:
-            out = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
+        if self.packed_weight is not None and flat.shape[0] >= self.packed_min_rows:
+            out = torch.ops.mkldnn._linear_pointwise(flat, self.packed_weight, self.bias, "none", [], "")
         elif self.bias is None:
             out = torch.mm(flat, self.weight)
         else:

@@ -17,6 +17,7 @@ from rlcpm.quant.export import convert_to_ternary
 from rlcpm.quant.qat import prepare_qat
 from rlcpm.rollout import Engine, Request, SamplingParams
 from rlcpm.rollout.fused_decoder import FusedDecoder, can_fuse
+from rlcpm.rollout.fused_linear import PACKED_MIN_ROWS, FusedLinear
 
 ARCHITECTURES = {
     "llama-tied": dict(model_type="llama", tie_word_embeddings=True, num_key_value_heads=1),
@@ -106,3 +107,21 @@ def test_models_with_non_plain_projections_keep_their_own_forward(arch_dirs):
     assert math.isfinite(
         engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=3, temperature=0))[0].logprobs[0]
     )
+
+
+@pytest.mark.parametrize("rows", [1, 2, 8, PACKED_MIN_ROWS, 3 * PACKED_MIN_ROWS])
+def test_fused_linear_equals_the_separate_layers_on_both_gemm_paths(rows):
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(512, 512, bias=False), torch.nn.Linear(512, 256), torch.nn.Linear(512, 8192)]
+    fused = FusedLinear(layers[:2])
+    head = FusedLinear(layers[2:])  # large enough to use the packed copy from 2 rows
+    x = torch.randn(rows, 512)
+    with torch.inference_mode():
+        fused.refresh(), head.refresh()
+        expected = torch.cat([layers[0](x), layers[1](x)], dim=-1)
+        torch.testing.assert_close(fused(x), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(head(x), layers[2](x), rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            layers[1].bias.add_(1.0)  # an in-place update is picked up by the next refresh
+        assert fused.refresh() and not fused.refresh()
+        torch.testing.assert_close(fused(x)[:, 512:], layers[1](x), rtol=1e-5, atol=1e-5)
