@@ -1,39 +1,91 @@
 """Chunk-wise rollout vs synchronous rollout on a long-tail length workload (MiniCPM4 §3.2).
 
-The workload: a tiny random model whose responses end when it samples one of a few stop ids
-(about 2% per token), so lengths are geometric with a mean near max/5 and a tail that reaches
-the limit: every synchronous step waits for its longest response. Same engine, same learner,
-same number of finished groups per step (dynamic sampling off); `chunk_tokens` in
-{None, max/2, max/4, max/8}. Reports mean step and sampling time over the steady-state steps
-and their ratios to synchronous, side by side in one run.
+The workload: a tiny llama (hidden 128, 4 layers) whose weights make its responses a Markov
+chain with a heavy length tail, like reasoning RL where a few responses run to the limit while
+most end early. Its attention and MLP branches write zeros into the residual stream (o_proj and
+down_proj are 0, so every layer still computes everything), and the embedding and LM head are
+set so the next-token distribution depends only on the class of the current token:
 
-    python -m benchmarks.chunked_vs_sync [--steps 8] [--max-new-tokens 256]
+    prompt token -> "short" token 94%, "long" token 6%
+    short        -> short 90%, stop 10%                 (mean ~10 tokens)
+    long         -> long 99.8%, stop 0.2%               (most reach max_new_tokens)
+
+The response classes use ids above the tokenizer's (the model's vocabulary is 1024 rows for a
+512-token tokenizer), so no prompt token is one of them. A group (G samples of a prompt) has a
+long response with probability 1 - 0.94^G (39% for G = 8): every synchronous step waits for it,
+with the batch down to a few sequences for most of its decoding steps. Same engine, same
+learner, same number of finished groups per step (dynamic sampling off; the math reward is 0
+for these responses, so advantages are 0 and the weights never change); `chunk_tokens` in
+{None, max/2, max/4, max/8}. Reports mean step and sampling time over the steady-state steps
+and their ratios to synchronous, side by side in one run. Chunking pays for its speed-up with
+re-prefill: a trajectory carried over a weight update recomputes its KV under the new weights,
+which on a CPU costs a good fraction of decoding the same tokens (on a GPU, far less).
+
+    python -m benchmarks.chunked_vs_sync [--steps 10] [--max-new-tokens 512]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import tempfile
 from pathlib import Path
 
 from benchmarks.common import machine_info, write_result
 
+TOKENIZER_SIZE, VOCAB_SIZE = 512, 1024
+SHORT_IDS, LONG_IDS, STOP_IDS = range(512, 768), range(768, 1016), range(1016, 1024)
+# class -> probability of moving to each response class (rows sum to 1)
+TRANSITIONS = {
+    "prompt": {"short": 0.94, "long": 0.06, "stop": 0.0},
+    "short": {"short": 0.90, "long": 0.0, "stop": 0.10},
+    "long": {"short": 0.0, "long": 0.998, "stop": 0.002},
+}
+NEVER = -30.0  # logit of a transition that must not happen (prompt ids as outputs included)
+
 
 def build_model(root: Path) -> Path:
+    """The long-tail Markov-chain llama described in the module docstring."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
     from rlcpm.models.tiny import build_tiny_model_dir
 
-    return build_tiny_model_dir(
-        root / "model", "llama", hidden_size=128, intermediate_size=384, num_hidden_layers=4, seed=0
-    )
+    path = build_tiny_model_dir(
+        root / "model", "llama", hidden_size=128, intermediate_size=384, num_hidden_layers=4, seed=0,
+        tokenizer_vocab_size=TOKENIZER_SIZE, vocab_size=VOCAB_SIZE,
+    )  # fmt: skip
+    tensors = load_file(str(path / "model.safetensors"))
+    hidden = tensors["model.norm.weight"].shape[0]
+    for name, tensor in tensors.items():
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            tensor.zero_()  # the residual stream stays the token's embedding
+        if name.endswith("norm.weight"):
+            tensor.fill_(1.0)
+    classes = {"prompt": range(TOKENIZER_SIZE), "short": SHORT_IDS, "long": LONG_IDS, "stop": STOP_IDS}
+    directions = torch.eye(hidden)[: len(classes)]  # one orthonormal direction per input class
+    embed = tensors["model.embed_tokens.weight"]
+    head = torch.zeros_like(tensors["lm_head.weight"])
+    for index, ids in enumerate(classes.values()):
+        embed[list(ids)] = directions[index]  # after RMSNorm: sqrt(hidden) * direction
+    for index, row in enumerate([*TRANSITIONS.values(), TRANSITIONS["short"]]):  # rows in class order
+        for target in ("short", "long", "stop"):
+            # logit of each id of `target` = log(p / number of ids), so the class gets p
+            ids = classes[target]
+            logit = math.log(row[target] / len(ids)) if row[target] > 0 else NEVER
+            head[list(ids)] += directions[index] * logit / math.sqrt(hidden)
+        head[list(classes["prompt"])] += directions[index] * NEVER / math.sqrt(hidden)
+    tensors["lm_head.weight"] = head
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    return path
 
 
 def run_mode(model_dir: Path, run_dir: Path, chunk_tokens: int | None, args) -> dict:
     from rlcpm.config import load_recipe
     from rlcpm.trainer import train
 
-    # ~2% of a near-uniform 512-token distribution: geometric lengths, mean ~50 tokens.
-    stop_ids = list(range(7, 512, 48))
+    stop_ids = list(STOP_IDS)
     recipe = load_recipe(
         data={
             "seed": 0,
@@ -74,9 +126,9 @@ def run_mode(model_dir: Path, run_dir: Path, chunk_tokens: int | None, args) -> 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the means")
-    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--groups", type=int, default=16)
     parser.add_argument("--samples", type=int, default=8)
     args = parser.parse_args(argv)
@@ -105,8 +157,9 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "chunked_vs_sync",
         "workload": {
-            "model": "llama, hidden 128, 4 layers, random weights, vocab 512",
-            "lengths": "geometric (stop ids ~2% per token), capped at max_new_tokens",
+            "model": "llama, hidden 128, 4 layers, vocab 1024: the long-tail Markov chain of the module docstring",
+            "transitions": TRANSITIONS,
+            "lengths": "94% short (mean ~10 tokens), 6% long (stop 0.2% per token), capped at max_new_tokens",
             "groups_per_step": args.groups,
             "samples_per_group": args.samples,
             "max_new_tokens": args.max_new_tokens,
