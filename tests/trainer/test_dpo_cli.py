@@ -37,3 +37,39 @@ def test_dpo_through_rlcpm_train(tmp_path):
     assert sum(losses[-6:]) / 6 < losses[0]
     assert (tmp_path / "run" / "final" / "config.json").is_file()
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+
+
+def test_dpo_with_ternary_qat_trains_the_ternary_policy_and_exports_it(tmp_path):
+    """learner.qat in a DPO recipe: policy and reference both run W_q (the reference is the
+    quantized policy at the start, so the first loss is log 2), the loss falls, and the final
+    model is the packed ternary export."""
+    from rlcpm import load_recipe, train
+    from rlcpm.models import load_model
+    from rlcpm.quant.ternary_linear import TernaryLinear
+
+    model_dir = build_tiny_model_dir(
+        tmp_path / "model", "llama", hidden_size=32, intermediate_size=64, seed=0
+    )
+    recipe = load_recipe(
+        data={
+            "seed": 0,
+            "run_dir": str(tmp_path / "run"),
+            "model": {"path": str(model_dir), "dtype": "float32", "device": "cpu"},
+            "data": {
+                "train": {"task": "preference", "num_samples": 64, "seed": 0},
+                "apply_chat_template": False,
+            },
+            "algorithm": {"name": "dpo", "beta": 0.5, "pairs_per_step": 16},
+            "learner": {
+                "lr": 3e-3,
+                "total_steps": 8,
+                "qat": {"enabled": True, "group_size": 16, "rewarmup_steps": 2},
+                "checkpoint": {"every_steps": 100},
+            },
+            "logging": {"wandb": {"mode": "disabled"}, "progress": False},
+        }
+    )
+    result = train(recipe)
+    losses = [r["train/loss"] for r in result.history if "train/loss" in r]
+    assert abs(losses[0] - 0.6931) < 1e-3 and min(losses[-3:]) < losses[0]
+    assert any(isinstance(m, TernaryLinear) for m in load_model(result.final_model_dir).modules())

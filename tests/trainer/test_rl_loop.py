@@ -227,3 +227,24 @@ def test_one_step_overlap_samples_one_version_behind(ray_session, model_dir, tmp
     # step 1 only samples; step 2 reports batch 1's update; the last step drains its own update too
     assert "train/loss" not in history[0] and "train/loss" in history[1]
     assert history[-1]["train/policy_version"] == 3
+
+
+def test_qat_recipe_samples_from_the_ternary_policy_and_exports_it(ray_session, model_dir, tmp_path):
+    """learner.qat in a GRPO recipe: the rollout workers hold W_q from the first step (so the
+    behaviour log-probs are the ternary model's: ratio == 1 on the first update, which full
+    precision sampling would not give), and the run ends with the packed ternary export."""
+    from rlcpm.quant.ternary_linear import TernaryLinear
+
+    over = {
+        "learner.qat": {"enabled": True, "group_size": 16},
+        "learner.total_steps": 2,
+        "learner.checkpoint": {"every_steps": 100, "save_final": True},
+        "rollout.chunk_tokens": 4,
+    }
+    result = train(make_recipe(model_dir, tmp_path / "run", **over))
+    first = next(row for row in result.history if "train/ratio_mean" in row)
+    assert abs(first["train/ratio_mean"] - 1.0) < 1e-4 and first["train/ratio_max"] < 1.0 + 1e-4
+    exported = load_model(result.final_model_dir)
+    assert any(isinstance(m, TernaryLinear) for m in exported.modules())
+    full = load_model(model_dir)
+    assert not any(isinstance(m, TernaryLinear) for m in full.modules())
