@@ -4,7 +4,10 @@ Both run on this CPU in float32: the same tiny-vocabulary llama with tens of mil
 parameters (random weights), the same prompts (synthetic arithmetic), `prompts x G`
 completions of up to `max_new_tokens` per step, EOS as the only stop, no KL, one optimizer
 update per step. TRL generates with transformers `generate`; rlcpm with its engine on a Ray
-rollout worker and a Ray learner (phases run one after the other, each with all threads).
+rollout worker and a Ray learner, either synchronously (phases one after the other, each with
+all threads) or with `rollout.max_staleness: 1` (rlcpm-overlap: step k+1's rollout runs
+while step k trains, one core each; the importance ratio uses the recorded behaviour
+log-probs, so the update stays correct one version behind).
 Each system runs in its own process; the first `--warmup` steps are left out of the mean.
 
     python -m benchmarks.vs_trl [--steps 4] [--max-new-tokens 256]
@@ -77,13 +80,16 @@ def run_trl(model_dir: str, args) -> list[float]:
     return times
 
 
-def run_rlcpm(model_dir: str, args) -> list[float]:
+def run_rlcpm(model_dir: str, args, overlap: bool = False) -> list[float]:
+    """overlap: rollout.max_staleness 1 (step k+1's rollout runs while step k trains), the
+    rollout worker and the learner on one core each instead of taking turns on both."""
     import ray
 
     from rlcpm.config import load_recipe
     from rlcpm.trainer import train
 
-    env = {"OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+    threads = 1 if overlap else args.threads
+    env = {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
     recipe = load_recipe(
         data={
@@ -94,7 +100,8 @@ def run_rlcpm(model_dir: str, args) -> list[float]:
             "rewards": [{"name": "math"}],
             "algorithm": {"name": "grpo", "groups_per_step": args.prompts, "dynamic_sampling": False,
                           "kl_coef": 0.0, "overlong_filter": False},
-            "rollout": {"n_samples": args.samples, "max_new_tokens": args.max_new_tokens, "max_batch_seqs": 256},
+            "rollout": {"n_samples": args.samples, "max_new_tokens": args.max_new_tokens, "max_batch_seqs": 256,
+                        "max_staleness": 1 if overlap else 0},
             "learner": {"lr": 1e-6, "total_steps": args.steps, "micro_batch_tokens": 16384,
                         "checkpoint": {"every_steps": 10_000, "save_final": False}},
             "logging": {"wandb": {"mode": "disabled"}, "progress": False, "samples_every": 0},
@@ -107,7 +114,10 @@ def run_rlcpm(model_dir: str, args) -> list[float]:
 
 
 def child(system: str, model_dir: str, args) -> None:
-    times = run_trl(model_dir, args) if system == "trl" else run_rlcpm(model_dir, args)
+    if system == "trl":
+        times = run_trl(model_dir, args)
+    else:
+        times = run_rlcpm(model_dir, args, overlap=system == "rlcpm-overlap")
     print("RESULT " + json.dumps(times))
 
 
@@ -134,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         num_params = sum(p.numel() for p in load_model(model_dir).parameters())
         results = {}
-        for system in ("trl", "rlcpm"):
+        for system in ("trl", "rlcpm", "rlcpm-overlap"):
             cmd = [sys.executable, "-m", "benchmarks.vs_trl", "--child", system, str(model_dir), "--tmp", tmp,
                    *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                      if k not in ("child", "tmp") and v is not None]]  # fmt: skip
@@ -146,12 +156,13 @@ def main(argv: list[str] | None = None) -> dict:
             times = json.loads(lines[-1][len("RESULT ") :])
             results[system] = {"step_times_s": times, "mean_step_time_s": statistics.fmean(times[args.warmup :])}
     ratio = results["trl"]["mean_step_time_s"] / results["rlcpm"]["mean_step_time_s"]
+    ratio_overlap = results["trl"]["mean_step_time_s"] / results["rlcpm-overlap"]["mean_step_time_s"]
     print(f"model: {num_params / 1e6:.1f}M params; {args.prompts} prompts x {args.samples} samples, "
           f"{args.max_new_tokens} new tokens; {args.threads} threads")  # fmt: skip
     print(f"{'system':>8} {'step s':>8}")
     for system, r in results.items():
         print(f"{system:>8} {r['mean_step_time_s']:8.2f}")
-    print(f"rlcpm is {ratio:.2f}x faster per GRPO step")
+    print(f"rlcpm is {ratio:.2f}x faster per GRPO step ({ratio_overlap:.2f}x with one-step overlap)")
     result = {
         "benchmark": "vs_trl",
         "setup": {"params_m": round(num_params / 1e6, 2), "prompts": args.prompts, "samples": args.samples,
@@ -159,6 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "threads": args.threads, "dtype": "float32", "stop": "EOS only"},
         "results": results,
         "speedup_rlcpm_over_trl": ratio,
+        "speedup_rlcpm_overlap_over_trl": ratio_overlap,
         "machine": machine_info(threads=args.threads),
     }  # fmt: skip
     print(f"wrote {write_result('vs_trl', result)}")
