@@ -14,8 +14,9 @@ runs the same computation per decoder layer as
     x  += r * o_proj(attention(q, k, v))                   the model's attention backend
     x  += r * down(silu(g) * u),  [g | u] = rms_norm(x) * w_post [Wg; Wu]^T   one GEMM
 
-(r = 1 except MiniCPM), then the final norm on the sampled rows only and the LM head, all
-linears on oneDNN-prepacked weights when large (rlcpm.rollout.fused_linear). The fused weight
+(r = 1 except MiniCPM), then the final norm on the sampled rows only and the LM head, each
+linear on a transposed or oneDNN-prepacked weight copy chosen by its number of rows
+(rlcpm.rollout.fused_linear). The fused weight
 copies are refreshed from the model's parameters before every forward whenever a parameter
 changed in place (``update_weights``) or was replaced, so generation always follows the model's
 current weights. Results equal the model's forward up to float32 rounding (tested: logits
