@@ -11,7 +11,7 @@ import torch
 from rlcpm.models.kv_cache import PagedKVCache
 from rlcpm.models.metadata import AttentionMetadata
 from rlcpm.rollout.decode_attention import install_mirrored_decode_attention
-from rlcpm.rollout.fused_decoder import FusedDecoder, can_fuse
+from rlcpm.rollout.fused_decoder import FusedDecoder
 from rlcpm.rollout.scheduler import ScheduledBatch
 
 
@@ -29,7 +29,7 @@ class ModelRunner:
         self.block_size = kv_cache.block_size
         self.device = kv_cache.device
         self.decode_backend = install_mirrored_decode_attention(model) if decode_mirror else None
-        self.fused = FusedDecoder(model, pack=pack_linears) if fused and can_fuse(model) else None
+        self.fused = FusedDecoder(model, pack=pack_linears) if fused else None  # caller checked can_fuse
 
     def prepare(
         self, batch: ScheduledBatch

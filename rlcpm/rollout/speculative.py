@@ -219,6 +219,15 @@ class _DraftProgress:
     draft_end: int  # draft KV written for positions < draft_end (valid up to num_computed_tokens)
 
 
+def acceptance_stats(num_rounds: int, num_drafted: int, num_accepted: int) -> dict[str, float]:
+    """spec_acceptance_len = 1 + accepted / rounds (tokens per target verification per sequence)
+    and spec_acceptance_rate = accepted / drafted; 0 when nothing was drafted."""
+    return {
+        "spec_acceptance_len": 1 + num_accepted / num_rounds if num_rounds else 0.0,
+        "spec_acceptance_rate": num_accepted / num_drafted if num_drafted else 0.0,
+    }
+
+
 class SpeculativeDecoder:
     """Runs one engine step with speculative decoding for the batch's decoding sequences.
 
@@ -248,13 +257,13 @@ class SpeculativeDecoder:
         }
 
     def engine_stats(self) -> dict[str, float]:
-        rounds = self.stats["spec_num_rounds"]
-        drafted = self.stats["spec_draft_tokens"]
-        accepted = self.stats["spec_accepted_tokens"]
         return {
             **self.stats,
-            "spec_acceptance_len": 1 + accepted / rounds if rounds else 0.0,
-            "spec_acceptance_rate": accepted / drafted if drafted else 0.0,
+            **acceptance_stats(
+                self.stats["spec_num_rounds"],
+                self.stats["spec_draft_tokens"],
+                self.stats["spec_accepted_tokens"],
+            ),
             "spec_draft_head_tokens": self.drafter.head.num_tokens,
         }
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from rlcpm.config import Recipe
 from rlcpm.errors import EngineError, WeightSyncError
 from rlcpm.rollout import Request, SamplingParams
+from rlcpm.rollout.speculative import acceptance_stats
 from rlcpm.trainer.chunk_scheduler import ChunkRequest, ChunkResult
 
 log = logging.getLogger("rlcpm.trainer")
@@ -217,11 +218,10 @@ class RolloutPool:
             for key in SPEC_COUNTERS:
                 delta[key] += now[key] - (0 if restarted else before.get(key, 0))
             self._spec_seen[index] = now
-        rounds, drafted, accepted = (delta[key] for key in SPEC_COUNTERS)
+        stats = acceptance_stats(*(delta[key] for key in SPEC_COUNTERS))
         return {
-            "rollout/spec_acceptance_len": 1 + accepted / rounds if rounds else 0.0,
-            "rollout/spec_acceptance_rate": accepted / drafted if drafted else 0.0,
-            "rollout/spec_rounds": float(rounds),
+            **{f"rollout/{key}": value for key, value in stats.items()},
+            "rollout/spec_rounds": float(delta["spec_num_rounds"]),
         }
 
     def kill_worker(self, index: int) -> None:
