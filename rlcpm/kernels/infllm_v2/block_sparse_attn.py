@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from rlcpm.kernels.infllm_v2.layout import KeyLayout
+from rlcpm.kernels.workspace import can_use_scratch, scratch
 
 _CHUNK_ELEMENTS = 1 << 24  # bound on the gathered [chunk, Hkv, K*B, D] keys of the reference
 
@@ -33,6 +34,20 @@ def selected_key_positions(
     valid = (block_idx[..., None] >= 0) & (pos <= q_pos[:, None, None, None])
     pos = torch.where(valid, pos, 0)
     return pos.flatten(2), valid.flatten(2)
+
+
+def _gather(
+    rows: torch.Tensor, index: torch.Tensor, shape: tuple, compute: torch.dtype, name: str, scratch_ok: bool
+) -> torch.Tensor:
+    """rows[index] viewed as `shape`, in the compute dtype (into scratch buffers when allowed)."""
+    if not scratch_ok:
+        return rows.index_select(0, index).view(shape).to(compute)
+    gathered = torch.index_select(
+        rows, 0, index, out=scratch.get(name, (index.numel(), rows.shape[1]), rows.dtype, rows.device)
+    ).view(shape)
+    if rows.dtype == compute:
+        return gathered
+    return scratch.get(f"{name}:{compute}", shape, compute, rows.device).copy_(gathered)
 
 
 def block_sparse_attention_reference(
@@ -58,6 +73,7 @@ def block_sparse_attention_reference(
     heads = torch.arange(num_kv, device=q.device)[None, :, None]
     compute = torch.promote_types(q.dtype, torch.float32)
     k_rows, v_rows = k.reshape(-1, head_dim), v.reshape(-1, head_dim)  # row r, head h -> r * Hkv + h
+    scratch_ok = can_use_scratch(q, k, v)  # inference: reuse buffers (no page faults per call)
     outs = []
     for start in range(0, num_q, chunk):
         part = slice(start, start + chunk)
@@ -67,11 +83,20 @@ def block_sparse_attention_reference(
         # memory together (2-3x faster than one head after the other on CPU).
         index = index.transpose(1, 2).flatten()
         shape = (pos.shape[0], pos.shape[2], num_kv, head_dim)
-        keys = k_rows.index_select(0, index).view(shape).transpose(1, 2).to(compute)  # [c, Hkv, N, D]
-        values = v_rows.index_select(0, index).view(shape).transpose(1, 2).to(compute)
+        keys = _gather(k_rows, index, shape, compute, "keys", scratch_ok).transpose(1, 2)  # [c, Hkv, N, D]
+        values = _gather(v_rows, index, shape, compute, "values", scratch_ok).transpose(1, 2)
         q4 = q[part].to(compute).view(-1, num_kv, group, head_dim)
-        scores = torch.matmul(q4, keys.transpose(-1, -2)) * scale  # [c, Hkv, G, N]
-        probs = torch.softmax(scores.masked_fill(~valid[:, :, None], float("-inf")), dim=-1)
+        hidden = ~valid[:, :, None]
+        if scratch_ok:  # the same ops in place, on reused buffers: bitwise the same result
+            score_shape = (*q4.shape[:3], keys.shape[2])
+            scores = torch.matmul(q4, keys.transpose(-1, -2), out=scratch.get("scores", score_shape, compute, q.device))
+            scores.mul_(scale).masked_fill_(hidden, float("-inf"))
+            probs = torch.ops.aten._softmax.out(
+                scores, -1, False, out=scratch.get("probs", score_shape, compute, q.device)
+            )
+        else:
+            scores = torch.matmul(q4, keys.transpose(-1, -2)) * scale  # [c, Hkv, G, N]
+            probs = torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1)
         out = torch.matmul(probs, values)  # [c, Hkv, G, D]
         outs.append(out.reshape(-1, num_heads, head_dim).to(q.dtype))
     if not outs:

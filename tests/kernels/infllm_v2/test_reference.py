@@ -280,6 +280,23 @@ def test_paged_stage2_and_decode_equal_packed(packed_inputs, small_config, paged
     torch.testing.assert_close(decoded, packed[last], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stage2_inference_on_scratch_buffers_equals_the_tracked_path(packed_inputs, small_config, dtype):
+    cfg = small_config()
+    q, k, v, cu = packed_inputs([100, 37], heads=4, kv_heads=2, dtype=dtype)
+    q_seq, q_pos = packed_queries(cu)
+    kc1, cu1 = compress_keys(k, cu, cfg.kernel_size, cfg.kernel_stride)
+    kc2, cu2 = compress_keys(k, cu, cfg.coarse_kernel_size, cfg.coarse_kernel_stride)
+    idx = select_blocks(q, q_seq, q_pos, kc1, cu1, kc2, cu2, cfg, 0.25)
+    args = (KeyLayout.packed(cu), q_seq, q_pos, idx, 16, 0.25)
+    tracked = block_sparse_attention.reference(q, k.requires_grad_(), v, *args)  # no scratch
+    with torch.no_grad():
+        first = block_sparse_attention.reference(q, k, v, *args)
+        second = block_sparse_attention.reference(q.flip(0), k, v, *args)  # reuses the buffers
+    torch.testing.assert_close(first, tracked.detach(), rtol=0, atol=0)
+    assert (first - second).abs().max() > 0  # the first result is its own memory, not a scratch view
+
+
 def test_sparse_equals_dense_causal_when_the_selection_covers_every_block(packed_inputs, small_config):
     cfg = small_config(topk=20)  # k_eff = 21 >= 7 blocks of the 100-token sequence
     q, k, v, cu = packed_inputs([100, 37], heads=4, kv_heads=2)
