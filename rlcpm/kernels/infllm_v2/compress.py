@@ -28,7 +28,9 @@ def mean_pool_windows_reference(keys: torch.Tensor, window_rows: torch.Tensor) -
     accumulated in float32, returned in keys.dtype."""
     if window_rows.numel() == 0:
         return keys.new_zeros(0, *keys.shape[1:])
-    windows = keys[window_rows]  # [N, k, H, D]
+    windows = keys.index_select(0, window_rows.reshape(-1)).view(
+        *window_rows.shape, *keys.shape[1:]
+    )  # [N, k, H, D]
     return windows.sum(dim=1, dtype=torch.float32).div_(window_rows.shape[1]).to(keys.dtype)
 
 

@@ -43,9 +43,10 @@ class KeyLayout:
 
     def rows(self, seq: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Row of key `pos` of sequence `seq` (broadcasting int64 tensors; pos must be >= 0)."""
-        if self.is_paged:
-            page = self.block_tables.long()[seq, pos // self.page_size]
-            return page * self.page_size + pos % self.page_size
+        if self.is_paged:  # index_select on the flat table: several times faster than table[seq, page]
+            entry = seq * self.block_tables.shape[1] + pos // self.page_size
+            page = self.block_tables.reshape(-1).index_select(0, entry.reshape(-1)).view(entry.shape)
+            return page.long() * self.page_size + pos % self.page_size
         return self.cu_seqlens.long()[seq] + pos
 
 

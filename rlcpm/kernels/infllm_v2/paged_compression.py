@@ -99,4 +99,4 @@ class PagedCompressedKeys:
 
     def gather(self, layer: int, plan: CompressionPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """Every sequence's compressed keys, packed: ([N, Hkv, D], cu [S+1] int32)."""
-        return self.data[layer][plan.entries], plan.cu_entries
+        return self.data[layer].index_select(0, plan.entries), plan.cu_entries

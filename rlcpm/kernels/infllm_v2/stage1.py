@@ -46,6 +46,8 @@ def _padded_keys(kc: torch.Tensor, cu: torch.Tensor) -> tuple[torch.Tensor, torc
     """Packed compressed keys [N, Hkv, D] -> ([S, Hkv, Nmax, D] float32, counts [S])."""
     counts = (cu[1:] - cu[:-1]).long()
     num_seqs = counts.numel()
+    if num_seqs == 1:  # nothing to pad
+        return kc.float()[None].transpose(1, 2), counts
     seq = torch.repeat_interleave(torch.arange(num_seqs, device=kc.device), counts)
     index = torch.arange(seq.numel(), device=kc.device) - cu[:-1].long()[seq]
     width = max(int(counts.max()) if counts.numel() else 0, 1)
@@ -80,13 +82,15 @@ def kernel_scores_reference(
     else:
         lse_pad, lse_counts = kc1_pad, counts1
         lse_kernel, lse_stride = config.kernel_size, config.kernel_stride
+    lse_keys = (lse_pad, lse_counts, lse_kernel, lse_stride)
     num_q, num_heads, head_dim = q.shape
-    num_kv = kc1.shape[1]
-    group = num_heads // num_kv
     counts_q, index = sequence_starts(q_seq, num_seqs)
     max_q = int(counts_q.max()) if q_seq.numel() else 0
+    if num_q == num_seqs and max_q == 1:  # one query per sequence, in order (decode): no padding
+        q_pad = q.float().view(num_seqs, 1, num_heads, head_dim)
+        return _group_probs(q_pad, q_pos[:, None], kc1_pad, counts1, lse_keys, config, scale)[:, 0]
     n1 = kc1_pad.shape[2]
-    out = torch.zeros(num_q, num_kv, n1, dtype=torch.float32, device=q.device)
+    out = torch.zeros(num_q, kc1.shape[1], n1, dtype=torch.float32, device=q.device)
     chunk = max(1, _CHUNK_ELEMENTS // max(1, num_seqs * num_heads * max(n1, lse_pad.shape[2])))
     for start in range(0, max_q, chunk):
         rows = ((index >= start) & (index < start + chunk)).nonzero().squeeze(1)
@@ -94,17 +98,35 @@ def kernel_scores_reference(
         width = min(chunk, max_q - start)
         q_pad = _pad_rows(q[rows].float(), seq, local, num_seqs, width)  # [S, c, Hq, D]
         pos = _pad_rows(q_pos[rows], seq, local, num_seqs, width)  # padded rows are dropped below
-        q5 = q_pad.view(num_seqs, width, num_kv, group, head_dim).permute(0, 2, 3, 1, 4)  # [S, Hkv, G, c, D]
-        lse_scores = torch.einsum("shgcd,shnd->shgcn", q5, lse_pad) * scale
-        lse_visible = _visible(pos, lse_counts, lse_pad.shape[2], lse_kernel, lse_stride)[:, None, None]
-        lse = torch.logsumexp(lse_scores.masked_fill(~lse_visible, float("-inf")), dim=-1)
-        lse = lse.masked_fill(torch.isneginf(lse), float("inf"))  # sees no lse kernel: p = 0
-        scores = torch.einsum("shgcd,shnd->shgcn", q5, kc1_pad) * scale
-        visible = _visible(pos, counts1, n1, config.kernel_size, config.kernel_stride)[:, None, None]
-        probs = torch.exp(scores - lse[..., None]).masked_fill(~visible, 0.0)
-        probs = torch.nan_to_num(probs, nan=0.0).sum(dim=2)  # [S, Hkv, c, N1]
-        out[rows] = probs.permute(0, 2, 1, 3)[seq, local]
+        probs = _group_probs(q_pad, pos, kc1_pad, counts1, lse_keys, config, scale)  # [S, c, Hkv, N1]
+        out[rows] = probs[seq, local]
     return out
+
+
+def _group_probs(
+    q_pad, pos, kc1_pad, counts1, lse_keys, config: InfLLMv2Config, scale: float
+) -> torch.Tensor:
+    """Queries q_pad [S, c, Hq, D] at positions pos [S, c] -> p [S, c, Hkv, N1] (module docstring)."""
+    lse_pad, lse_counts, lse_kernel, lse_stride = lse_keys
+    num_seqs, width, num_heads, head_dim = q_pad.shape
+    num_kv = kc1_pad.shape[1]
+    group = num_heads // num_kv
+    q5 = q_pad.view(num_seqs, width, num_kv, group, head_dim).permute(0, 2, 3, 1, 4)  # [S, Hkv, G, c, D]
+    # Stage 1 runs without gradient: the ops below work in place on the fresh score tensors.
+    lse_scores = torch.einsum("shgcd,shnd->shgcn", q5, lse_pad).mul_(scale)
+    lse_visible = _visible(pos, lse_counts, lse_pad.shape[2], lse_kernel, lse_stride)[:, None, None]
+    if not bool(lse_visible.all()):  # a decode query sees every complete kernel: nothing to hide
+        lse_scores.masked_fill_(~lse_visible, float("-inf"))
+    lse = torch.logsumexp(lse_scores, dim=-1)
+    lse.masked_fill_(torch.isneginf(lse), float("inf"))  # sees no lse kernel: p = 0
+    probs = torch.einsum("shgcd,shnd->shgcn", q5, kc1_pad).mul_(scale).sub_(lse[..., None]).exp_()
+    visible = _visible(pos, counts1, kc1_pad.shape[2], config.kernel_size, config.kernel_stride)[
+        :, None, None
+    ]
+    if not bool(visible.all()):
+        probs.masked_fill_(~visible, 0.0)
+    probs = probs.nan_to_num_(nan=0.0).sum(dim=2)  # [S, Hkv, c, N1]
+    return probs.permute(0, 2, 1, 3)
 
 
 def pool_block_scores(

@@ -15,6 +15,7 @@ from rlcpm.kernels.infllm_v2 import (
     KeyLayout,
     PagedCompressedKeys,
     block_sparse_attention,
+    block_sparse_attn,
     compress_keys,
     infllm_v2_attention,
     kernel_scores_reference,
@@ -182,6 +183,25 @@ def test_stage1_equals_naive_per_head_softmax_summed_over_group(
         torch.testing.assert_close(sums, torch.full_like(sums, heads // 2))
 
 
+@pytest.mark.parametrize("lengths", [[150], [150, 60, 97]])
+def test_stage1_with_one_query_per_sequence_equals_the_naive_scores(packed_inputs, small_config, lengths):
+    """The decode shape (each sequence's newest token, or any one token per sequence) takes a
+    path without query padding; a query at its sequence's end sees every complete kernel."""
+    cfg = small_config()
+    q, k, _, cu = packed_inputs(lengths, heads=8, kv_heads=2)
+    kc1, cu1 = compress_keys(k, cu, cfg.kernel_size, cfg.kernel_stride)
+    kc2, cu2 = compress_keys(k, cu, cfg.coarse_kernel_size, cfg.coarse_kernel_stride)
+    q_seq, q_pos = packed_queries(cu)
+    scale = 16**-0.5
+    last = cu[1:].long() - 1
+    middle = cu[:-1].long() + (cu[1:] - cu[:-1]).long() // 2
+    for rows in (last, middle):
+        got = kernel_scores_reference(q[rows], q_seq[rows], q_pos[rows], kc1, cu1, kc2, cu2, cfg, scale)
+        want = _naive_kernel_scores(q[rows], q_seq[rows], q_pos[rows], kc1, cu1, kc2, cu2, cfg, scale)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+        assert (got > 0).any()
+
+
 def test_block_pooling_window_and_forced_blocks(small_config):
     """Block b pools kernels 4b-1 .. 4b+3; init, local and own blocks +inf; later blocks -inf."""
     cfg = small_config(window_size=32, topk=3)  # local_blocks 2, ratio 4
@@ -262,6 +282,40 @@ def test_stage2_equals_masked_softmax_from_the_block_mask(
     # And the mask really is sparse: dense causal attention differs.
     dense = block_mask_attention(q, k, v, cu, q_seq, q_pos, torch.arange(7).expand(q.shape[0], 2, 7), 16)
     assert (dense - want).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("piece_keys", [24, 64])  # several pieces, the last one padded (24)
+def test_stage2_two_pass_softmax_over_several_pieces_equals_the_block_mask_oracle(
+    packed_inputs, small_config, block_mask_attention, paged_copy, monkeypatch, piece_keys
+):
+    monkeypatch.setattr(block_sparse_attn, "_PIECE_KEYS", piece_keys)
+    cfg = small_config(window_size=32, topk=3)  # k_eff 6 blocks of 16 = 96 keys per query
+    q, k, v, cu = packed_inputs([130, 75], heads=8, kv_heads=2)
+    q_seq, q_pos = packed_queries(cu)
+    kc1, cu1 = compress_keys(k, cu, cfg.kernel_size, cfg.kernel_stride)
+    kc2, cu2 = compress_keys(k, cu, cfg.coarse_kernel_size, cfg.coarse_kernel_stride)
+    idx = select_blocks(q, q_seq, q_pos, kc1, cu1, kc2, cu2, cfg, 0.25)
+    assert idx.shape[-1] * 16 > piece_keys
+    q64, k64, v64 = (x.double().requires_grad_() for x in (q, k, v))
+    got = block_sparse_attention.reference(q64, k64, v64, KeyLayout.packed(cu), q_seq, q_pos, idx, 16, 0.25)
+    want = block_mask_attention(q64, k64, v64, cu, q_seq, q_pos, idx, 16)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(want)
+    for name, a, b in zip(
+        "qkv",
+        torch.autograd.grad(got, (q64, k64, v64), grad),
+        torch.autograd.grad(want, (q64, k64, v64), grad),
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=f"d{name}")
+    # The in-place inference path (scratch buffers) runs the same pieces: bitwise the same.
+    tracked = block_sparse_attention.reference(
+        q, k.requires_grad_(), v, KeyLayout.packed(cu), q_seq, q_pos, idx, 16, 0.25
+    )
+    k_cache, v_cache, layout = paged_copy(k.detach(), v, cu, page_size=8)
+    last = cu[1:].long() - 1
+    with torch.no_grad():
+        decoded = sparse_decode_attention(q[last], k_cache, v_cache, layout, q_pos[last], idx[last], 16, 0.25)
+    torch.testing.assert_close(decoded, tracked.detach()[last], rtol=0, atol=0)
 
 
 def test_paged_stage2_and_decode_equal_packed(packed_inputs, small_config, paged_copy):
