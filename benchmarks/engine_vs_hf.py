@@ -2,8 +2,10 @@
 
     python -m benchmarks.engine_vs_hf                       # tiny + small, batch 1/8/32
     python -m benchmarks.engine_vs_hf --models tiny --batches 32 --repeats 3 --threads 1
+    python -m benchmarks.engine_vs_hf --dtype bfloat16      # both systems in bfloat16
 
-Both systems run the same random llama checkpoint (float32, CPU), greedy, prompt 128 tokens,
+Both systems run the same random llama checkpoint (float32 by default, or both in bfloat16:
+the CPU's bfloat16 matmuls are 2-2.7x faster on this machine), greedy, prompt 128 tokens,
 256 new tokens with EOS ignored (the engine: ignore_eos; transformers: no eos_token_id).
 Each measurement runs in a fresh subprocess (so peak RSS is its own) that warms up, then
 times a 1-token generation (prefill) and a 256-token one; decode throughput is
@@ -11,7 +13,9 @@ batch * 255 / (t_256 - t_1), end-to-end throughput batch * 256 / t_256. The syst
 and the best of ``--repeats`` runs counts (the machine may be shared). The same ratio over
 process CPU time is recorded too (``decode_ratio_cpu_time``): with one thread it discounts
 time the process spent waiting for a core on a shared machine. Prints a table and writes
-benchmarks/results/engine_vs_hf.json with the machine description and the load average.
+benchmarks/results/engine_vs_hf.json (engine_vs_hf_bfloat16.json) with the machine
+description and the load average. In bfloat16 the two systems round differently, so their
+greedy tokens part ways after a while (``greedy_tokens_agree_before``).
 """
 
 from __future__ import annotations
@@ -53,7 +57,9 @@ RESULTS = Path(__file__).parent / "results" / "engine_vs_hf.json"
 # ------------------------------------------------------------------------------ one measurement
 
 
-def _measure(system: str, model_dir: str, batch: int, prompt_len: int, new_tokens: int, threads: int) -> dict:
+def _measure(
+    system: str, model_dir: str, batch: int, prompt_len: int, new_tokens: int, threads: int, dtype: str
+) -> dict:
     """Runs inside the subprocess: load, warm up, time 1 and `new_tokens` new tokens."""
     import torch
 
@@ -64,7 +70,7 @@ def _measure(system: str, model_dir: str, batch: int, prompt_len: int, new_token
     if system == "hf":
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
         model.generation_config.eos_token_id = None
 
         def generate(n: int) -> list[int]:
@@ -84,11 +90,11 @@ def _measure(system: str, model_dir: str, batch: int, prompt_len: int, new_token
         blocks = batch * -(-(prompt_len + new_tokens) // block_size)
         engine = Engine.from_pretrained(
             model_dir,
-            dtype="float32",
+            dtype=dtype,
             max_num_seqs=batch,
             max_num_batched_tokens=max(batch * prompt_len, 512),
             block_size=block_size,
-            kv_budget_bytes=blocks * _block_bytes(model_dir, block_size),
+            kv_budget_bytes=blocks * _block_bytes(model_dir, block_size, dtype),
         )
         token_lists = prompts.tolist()
 
@@ -122,10 +128,13 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _block_bytes(model_dir: str, block_size: int) -> int:
+def _block_bytes(model_dir: str, block_size: int, dtype: str) -> int:
     config = json.loads((Path(model_dir) / "config.json").read_text())
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-    return 2 * config["num_hidden_layers"] * block_size * config["num_key_value_heads"] * head_dim * 4
+    element_size = 2 if dtype == "bfloat16" else 4
+    return (
+        2 * config["num_hidden_layers"] * block_size * config["num_key_value_heads"] * head_dim * element_size
+    )
 
 
 def _run_child(system: str, model_dir: str, batch: int, args) -> dict:
@@ -143,6 +152,8 @@ def _run_child(system: str, model_dir: str, batch: int, args) -> dict:
         str(args.new_tokens),
         "--threads",
         str(args.threads),
+        "--dtype",
+        args.dtype,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
@@ -203,7 +214,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument(
+        "--out", default=None, help="result file (default: results/engine_vs_hf[_bfloat16].json)"
+    )
     parser.add_argument("--child", nargs=3, metavar=("SYSTEM", "MODEL_DIR", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.threads is None:
@@ -214,7 +228,9 @@ def main(argv: list[str] | None = None) -> None:
         system, model_dir, batch = args.child
         print(
             json.dumps(
-                _measure(system, model_dir, int(batch), args.prompt_len, args.new_tokens, args.threads)
+                _measure(
+                    system, model_dir, int(batch), args.prompt_len, args.new_tokens, args.threads, args.dtype
+                )
             )
         )
         return
@@ -258,16 +274,20 @@ def main(argv: list[str] | None = None) -> None:
         "settings": {
             "prompt_len": args.prompt_len,
             "new_tokens": args.new_tokens,
-            "dtype": "float32",
+            "dtype": args.dtype,
             "repeats": args.repeats,
             "greedy": True,
             "ignore_eos": True,
         },
         "results": rows,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nwrote {args.out}")
+    out = Path(
+        args.out
+        or (RESULTS if args.dtype == "float32" else RESULTS.with_stem(f"{RESULTS.stem}_{args.dtype}"))
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {out}")
 
 
 def _print_row(row: dict, header: bool) -> None:

@@ -1,4 +1,4 @@
-"""The engine's forward of a built CausalLM with fewer, larger operations (CPU float32 fast path).
+"""The engine's forward of a built CausalLM with fewer, larger operations (CPU fast path).
 
 The learner's model code runs every projection, norm and rotation as its own small operator;
 during decoding (a few dozen tokens per step) each operator costs more in dispatch than in
@@ -22,8 +22,10 @@ changed in place (``update_weights``) or was replaced, so generation always foll
 current weights. Results equal the model's forward up to float32 rounding (tested: logits
 within 1e-5, greedy tokens identical to transformers).
 
-Applies to float32 CPU models with a dense-family attention backend (``dense`` and the
-engine's mirrored decode backend); other configurations keep the model's own forward.
+Applies to float32 and bfloat16 CPU models with a dense-family attention backend (``dense`` and
+the engine's mirrored decode backend); other configurations keep the model's own forward. In
+bfloat16 the norms and the rotation round as the model's own modules do (logits agree to
+bfloat16 rounding) and every GEMM runs on a oneDNN-packed bfloat16 weight.
 """
 
 from __future__ import annotations
@@ -73,19 +75,22 @@ def _projections(model: nn.Module) -> list[nn.Module]:
 
 
 def can_fuse(model: nn.Module) -> bool:
-    """True for a float32 CPU CausalLM whose layers use a dense-family attention backend and
-    whose projections are plain linears (not ternary, QAT or adapter-wrapped layers, whose
-    forward is not ``x W^T + b`` over ``.weight``)."""
+    """True for a float32 or bfloat16 CPU CausalLM whose layers use a dense-family attention
+    backend and whose projections are plain linears (not ternary, QAT or adapter-wrapped layers,
+    whose forward is not ``x W^T + b`` over ``.weight``)."""
     return (
         model.device.type == "cpu"
-        and model.dtype == torch.float32
+        and model.dtype in (torch.float32, torch.bfloat16)
         and isinstance(getattr(model, "attention_backend", None), DenseAttention)
         and all(type(module) in _PLAIN_LINEARS for module in _projections(model))
     )
 
 
 def _norm(x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
-    """The model's RMSNorm (float32): w * x / sqrt(mean(x^2) + eps), as one call."""
+    """The model's RMSNorm: w * x / sqrt(mean(x^2) + eps), as one call in float32; in bfloat16
+    the module itself (normalised in float32, cast, then scaled: the learner's rounding)."""
+    if x.dtype != torch.float32:
+        return norm(x)
     return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
 
 
@@ -149,7 +154,8 @@ class FusedDecoder:
         if self.scale_emb != 1.0:
             hidden = hidden * self.scale_emb
         cos, sin = model.model.rotary_emb(positions)  # [T, D] each, float32
-        rope = (cos[:, None, :], (sin * self._rope_sign)[:, None, :])  # [T, 1, D]
+        dtype = hidden.dtype  # the rotation runs in the model dtype, as in the model's forward
+        rope = (cos[:, None, :].to(dtype), (sin * self._rope_sign)[:, None, :].to(dtype))  # [T, 1, D]
         for layer in self.layers:
             hidden = self._layer(hidden, layer, rope, meta, kv_cache)
         if sample_rows is not None:

@@ -272,9 +272,10 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> tuple[torch.Tensor, to
 
     The log-prob is read from ``sampling_log_distribution`` (so it is ``sampling_logprobs``).
     """
+    logits = logits.float()  # bfloat16 logits: exact, and CPU argmax is far faster in float32
     if batch.is_all_greedy:  # temperature 0: no scaling, no filter (what sampling_log_distribution does)
         token_ids = logits.argmax(dim=-1)
-        return token_ids, logits.float().log_softmax(dim=-1).gather(1, token_ids[:, None]).squeeze(1)
+        return token_ids, logits.log_softmax(dim=-1).gather(1, token_ids[:, None]).squeeze(1)
     log_dist = sampling_log_distribution(logits, batch.temperature, batch.top_k, batch.top_p)  # [N, V]
     uniforms = torch.from_numpy(counter_uniforms(batch.seeds, batch.counters))
     sampled = inverse_cdf(log_dist.exp(), uniforms)

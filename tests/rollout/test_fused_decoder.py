@@ -125,3 +125,43 @@ def test_fused_linear_equals_the_separate_layers_on_both_gemm_paths(rows):
             layers[1].bias.add_(1.0)  # an in-place update is picked up by the next refresh
         assert fused.refresh() and not fused.refresh()
         torch.testing.assert_close(fused(x)[:, 512:], layers[1](x), rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ bfloat16
+
+BF16_LOGPROB_TOL = 0.04  # ~2 bfloat16 steps of a logit of magnitude 4 (2**-6 each)
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_bfloat16_fused_engine_agrees_with_the_model_forward_to_bfloat16_rounding(arch, arch_dirs):
+    """The bfloat16 fast path (packed bfloat16 GEMMs, float32 decode mirror) scores what the
+    model's own bfloat16 forward scores, to bfloat16 rounding: every greedy token is the argmax
+    of the full forward up to that rounding, and every log-prob matches it."""
+    model = load_model(str(arch_dirs[arch]), dtype=torch.bfloat16)
+    engine = Engine(model, max_num_seqs=4, max_num_batched_tokens=64, kv_budget_bytes=4 << 20)
+    assert isinstance(engine.runner.fused, FusedDecoder)
+    assert engine.runner.decode_backend is not None
+    generator = torch.Generator().manual_seed(4)
+    batch = [torch.randint(0, model.config.vocab_size, (n,), generator=generator).tolist() for n in (30, 9, 41)]
+    greedy = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    for prompt, out in zip(batch, engine.generate(batch, greedy)):
+        full = prompt + out.token_ids
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([full]))[0].float(), dim=-1)[len(prompt) - 1 : -1]
+        chosen = logprobs.gather(1, torch.tensor(out.token_ids)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(out.logprobs), chosen, rtol=0, atol=BF16_LOGPROB_TOL)
+        assert (logprobs.max(dim=-1).values - chosen).max() <= BF16_LOGPROB_TOL
+
+
+@pytest.mark.parametrize("rows", [1, 2, 8, PACKED_MIN_ROWS, 3 * PACKED_MIN_ROWS])
+def test_bfloat16_fused_linear_uses_the_packed_copy_at_every_row_count(rows):
+    torch.manual_seed(0)
+    layers = [torch.nn.Linear(256, 256, bias=False), torch.nn.Linear(256, 64)]
+    layers = [layer.to(torch.bfloat16) for layer in layers]
+    fused = FusedLinear(layers)
+    x = torch.randn(rows, 256, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        fused.refresh()
+        assert fused.packed_weight is not None and fused.weight is None
+        expected = torch.cat([layer(x) for layer in layers], dim=-1)
+        torch.testing.assert_close(fused(x), expected, rtol=1.6e-2, atol=1e-2)  # 2 bfloat16 steps
