@@ -1,7 +1,8 @@
 """GRPO step time: rlcpm vs TRL's GRPOTrainer on the same model, batch, group size and lengths.
 
-Both run on this CPU in float32: the same tiny-vocabulary llama with tens of millions of
-parameters (random weights), the same prompts (synthetic arithmetic), `prompts x G`
+Both run on this CPU in float32 (or both in bfloat16 with `--dtype bfloat16`: TRL's `bf16=True`,
+rlcpm's `rollout.dtype: bfloat16` and `learner.precision: bf16-mixed`, each over float32
+master weights): the same tiny-vocabulary llama with tens of millions of parameters (random weights), the same prompts (synthetic arithmetic), `prompts x G`
 completions of up to `max_new_tokens` per step, EOS as the only stop, no KL, one optimizer
 update per step. TRL generates with transformers `generate`; rlcpm with its engine on a Ray
 rollout worker and a Ray learner, either synchronously (phases one after the other, each with
@@ -10,7 +11,7 @@ while step k trains, one core each; the importance ratio uses the recorded behav
 log-probs, so the update stays correct one version behind).
 Each system runs in its own process; the first `--warmup` steps are left out of the mean.
 
-    python -m benchmarks.vs_trl [--steps 4] [--max-new-tokens 256]
+    python -m benchmarks.vs_trl [--steps 4] [--max-new-tokens 256] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def run_trl(model_dir: str, args) -> list[float]:
         return [0.0] * len(completions)
 
     config = GRPOConfig(
-        output_dir=str(Path(args.tmp) / "trl"), use_cpu=True, bf16=False, report_to="none",
+        output_dir=str(Path(args.tmp) / "trl"), use_cpu=True, bf16=args.dtype == "bfloat16", report_to="none",
         per_device_train_batch_size=batch, gradient_accumulation_steps=1, num_generations=args.samples,
         max_completion_length=args.max_new_tokens, max_steps=args.steps, learning_rate=1e-6, beta=0.0,
         temperature=1.0, logging_steps=1, save_strategy="no", seed=0, num_iterations=1,
@@ -101,8 +102,9 @@ def run_rlcpm(model_dir: str, args, overlap: bool = False) -> list[float]:
             "algorithm": {"name": "grpo", "groups_per_step": args.prompts, "dynamic_sampling": False,
                           "kl_coef": 0.0, "overlong_filter": False},
             "rollout": {"n_samples": args.samples, "max_new_tokens": args.max_new_tokens, "max_batch_seqs": 256,
-                        "max_staleness": 1 if overlap else 0},
+                        "max_staleness": 1 if overlap else 0, "dtype": args.dtype},
             "learner": {"lr": 1e-6, "total_steps": args.steps, "micro_batch_tokens": 16384,
+                        "precision": "bf16-mixed" if args.dtype == "bfloat16" else "float32",
                         "checkpoint": {"every_steps": 10_000, "save_final": False}},
             "logging": {"wandb": {"mode": "disabled"}, "progress": False, "samples_every": 0},
             "cluster": {"num_cpus": 2, "reward_workers": 1},
@@ -131,6 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--child", nargs=2, metavar=("SYSTEM", "MODEL_DIR"))
     parser.add_argument("--tmp", default=None)
     args = parser.parse_args(argv)
@@ -167,13 +170,14 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "vs_trl",
         "setup": {"params_m": round(num_params / 1e6, 2), "prompts": args.prompts, "samples": args.samples,
                   "max_new_tokens": args.max_new_tokens, "steps": args.steps, "warmup_excluded": args.warmup,
-                  "threads": args.threads, "dtype": "float32", "stop": "EOS only"},
+                  "threads": args.threads, "dtype": args.dtype, "stop": "EOS only"},
         "results": results,
         "speedup_rlcpm_over_trl": ratio,
         "speedup_rlcpm_overlap_over_trl": ratio_overlap,
         "machine": machine_info(threads=args.threads),
     }  # fmt: skip
-    print(f"wrote {write_result('vs_trl', result)}")
+    name = "vs_trl" if args.dtype == "float32" else f"vs_trl_{args.dtype}"
+    print(f"wrote {write_result(name, result)}")
     return result
 
 

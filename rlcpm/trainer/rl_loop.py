@@ -264,7 +264,8 @@ class GRPOTrainer:
 
     def _sync_weights(self) -> dict[str, float]:
         version = self.learner.policy_version
-        tensors = [pair for bucket in self.learner.weight_buckets() for pair in bucket]
+        buckets = self.learner.weight_buckets(dtype=self.rollout.weight_dtype)  # e.g. bfloat16 engines
+        tensors = [pair for bucket in buckets for pair in bucket]
         stats = self.rollout.sync_weights(tensors, version)
         return {
             "perf/sync_time_s": stats.seconds,

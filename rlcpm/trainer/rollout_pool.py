@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from rlcpm.config import Recipe
 from rlcpm.errors import EngineError, WeightSyncError
 from rlcpm.rollout import Request, SamplingParams
@@ -55,11 +57,22 @@ class RolloutPool:
         self.workers = [self._spawn() for _ in range(recipe.rollout.workers)]
         ray.get([w.health.remote() for w in self.workers])
 
+    @property
+    def dtype(self) -> str:
+        """The engines' dtype: rollout.dtype, else the model's ("auto": the checkpoint's)."""
+        rollout = self.recipe.rollout
+        return rollout.dtype if rollout.dtype != "auto" else self.recipe.model.dtype
+
+    @property
+    def weight_dtype(self) -> torch.dtype | None:
+        """What learner weights are cast to before they are sent (None: sent as they are)."""
+        return None if self.dtype == "auto" else getattr(torch, self.dtype)
+
     def _spawn(self):
         rollout = self.recipe.rollout
         return self._actor_class.remote(
             self.model_dir,
-            dtype=rollout.dtype if rollout.dtype != "auto" else self.recipe.model.dtype,
+            dtype=self.dtype,
             device=self.recipe.model.device,
             max_num_seqs=rollout.max_batch_seqs,
             max_num_batched_tokens=rollout.max_batch_tokens,

@@ -248,3 +248,16 @@ def test_qat_recipe_samples_from_the_ternary_policy_and_exports_it(ray_session, 
     assert any(isinstance(m, TernaryLinear) for m in exported.modules())
     full = load_model(model_dir)
     assert not any(isinstance(m, TernaryLinear) for m in full.modules())
+
+
+def test_bfloat16_rollout_workers_get_the_learners_weights_cast_to_bfloat16(ray_session, model_dir, tmp_path):
+    """rollout.dtype: bfloat16 beside a float32 learner: weights are cast before they travel
+    (half the bytes), and the behaviour log-probs agree with the learner's to bfloat16 rounding."""
+    recipe = make_recipe(model_dir, tmp_path / "run", **{"rollout.dtype": "bfloat16"})
+    history = train(recipe).history
+    num_params = sum(p.numel() for p in load_model(model_dir).parameters())
+    synced = [row["perf/sync_bytes"] for row in history if "perf/sync_bytes" in row]
+    assert synced and all(num_bytes == 2 * num_params for num_bytes in synced)
+    first = next(row for row in history if "train/ratio_mean" in row)
+    assert abs(first["train/ratio_mean"] - 1.0) < 0.05
+    assert [row["train/policy_version"] for row in history if "train/policy_version" in row][-1] == 2
