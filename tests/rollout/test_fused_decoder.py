@@ -142,7 +142,9 @@ def test_bfloat16_fused_engine_agrees_with_the_model_forward_to_bfloat16_roundin
     assert isinstance(engine.runner.fused, FusedDecoder)
     assert engine.runner.decode_backend is not None
     generator = torch.Generator().manual_seed(4)
-    batch = [torch.randint(0, model.config.vocab_size, (n,), generator=generator).tolist() for n in (30, 9, 41)]
+    batch = [
+        torch.randint(0, model.config.vocab_size, (n,), generator=generator).tolist() for n in (30, 9, 41)
+    ]
     greedy = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
     for prompt, out in zip(batch, engine.generate(batch, greedy)):
         full = prompt + out.token_ids
