@@ -21,7 +21,7 @@ and their ratios to synchronous, side by side in one run. Chunking pays for its 
 re-prefill: a trajectory carried over a weight update recomputes its KV under the new weights,
 which on a CPU costs a good fraction of decoding the same tokens (on a GPU, far less).
 
-    python -m benchmarks.chunked_vs_sync [--steps 10] [--max-new-tokens 512]
+    python -m benchmarks.chunked_vs_sync [--steps 10] [--max-new-tokens 512] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -100,6 +100,7 @@ def run_mode(model_dir: Path, run_dir: Path, chunk_tokens: int | None, args) -> 
                 "chunk_tokens": chunk_tokens,
                 "stop_token_ids": stop_ids,
                 "max_batch_seqs": 256,
+                "dtype": args.dtype,
             },
             "learner": {"lr": 1e-5, "total_steps": args.steps, "checkpoint": {"every_steps": 10_000, "save_final": False}},
             "logging": {"wandb": {"mode": "disabled"}, "progress": False, "samples_every": 0},
@@ -131,6 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--groups", type=int, default=16)
     parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the engines' dtype")
     args = parser.parse_args(argv)
 
     import ray
@@ -165,12 +167,14 @@ def main(argv: list[str] | None = None) -> dict:
             "max_new_tokens": args.max_new_tokens,
             "steps": args.steps,
             "warmup_steps_excluded": args.warmup,
+            "rollout_dtype": args.dtype,
         },
         "rows": rows,
         "best_sampling_speedup": max(r["sampling_speedup"] for r in rows[1:]),
         "machine": machine_info(threads=1),
     }
-    print(f"wrote {write_result('chunked_vs_sync', result)}")
+    name = "chunked_vs_sync" if args.dtype == "float32" else f"chunked_vs_sync_{args.dtype}"
+    print(f"wrote {write_result(name, result)}")
     return result
 
 
