@@ -5,7 +5,7 @@
     python -m benchmarks.engine_vs_hf --dtype bfloat16      # both systems in bfloat16
 
 Both systems run the same random llama checkpoint (float32 by default, or both in bfloat16:
-the CPU's bfloat16 matmuls are 2-2.7x faster on this machine), greedy, prompt 128 tokens,
+the CPU's packed bfloat16 matmuls are 2.5-4.4x faster at decode shapes on this machine), greedy, prompt 128 tokens,
 256 new tokens with EOS ignored (the engine: ignore_eos; transformers: no eos_token_id).
 Each measurement runs in a fresh subprocess (so peak RSS is its own) that warms up, then
 times a 1-token generation (prefill) and a 256-token one; decode throughput is

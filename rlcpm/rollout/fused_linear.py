@@ -12,7 +12,7 @@ rows, but 10-50% slower at 1-16 rows, except for a weight larger than the caches
 head), where it wins from 2 rows. Each call picks by its number of rows. A bfloat16 ``W`` is
 always packed and always used packed: oneDNN's bfloat16 GEMM (AVX512-BF16 / AMX) beat the
 plain bfloat16 GEMM 1.2-3.4x at 1-32 rows on the development VM's EPYC, and the float32 one
-2-2.7x from 8 rows. Each output column is
+2.5-4.4x from 8 rows. Each output column is
 the same dot product the separate layer computes (the sum order inside a GEMM may differ, so
 results agree to rounding).
 
