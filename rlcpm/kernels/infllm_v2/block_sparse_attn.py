@@ -71,7 +71,7 @@ def block_sparse_attention_reference(
         part = slice(start, start + chunk)
         pos, valid = selected_key_positions(block_idx[part], q_pos[part], block_size)
         index = layout.rows(q_seq[part, None, None], pos) * num_kv + heads  # [c, Hkv, N]
-        q3 = q[part].to(compute).view(-1, num_heads // num_kv, head_dim) * scale  # [c*Hkv, G, D]
+        q3 = q[part].to(compute).reshape(-1, num_heads // num_kv, head_dim) * scale  # [c*Hkv, G, D]
         out = attend(q3, k_rows, v_rows, *_pieces(index, valid))  # [c*Hkv, G, D]
         outs.append(out.view(-1, num_heads, head_dim).to(q.dtype))
     if not outs:

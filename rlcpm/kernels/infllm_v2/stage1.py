@@ -87,7 +87,7 @@ def kernel_scores_reference(
     counts_q, index = sequence_starts(q_seq, num_seqs)
     max_q = int(counts_q.max()) if q_seq.numel() else 0
     if num_q == num_seqs and max_q == 1:  # one query per sequence, in order (decode): no padding
-        q_pad = q.float().view(num_seqs, 1, num_heads, head_dim)
+        q_pad = q.float().reshape(num_seqs, 1, num_heads, head_dim)
         return _group_probs(q_pad, q_pos[:, None], kc1_pad, counts1, lse_keys, config, scale)[:, 0]
     n1 = kc1_pad.shape[2]
     out = torch.zeros(num_q, kc1.shape[1], n1, dtype=torch.float32, device=q.device)
