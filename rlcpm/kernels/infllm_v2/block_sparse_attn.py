@@ -14,8 +14,8 @@ The reference gathers only the selected blocks (Tq x Hkv x K*B keys, in query ch
 differentiable through autograd; the Triton kernel (block_sparse_attn_triton) is a
 flash-attention style forward with its own backward.
 
-The reference's softmax runs in two passes over pieces of the selected keys (about 1 MB of
-keys each, so a piece is still in the CPU's cache when the matmul reads it): scores of every
+The reference's softmax runs in two passes over pieces of the selected keys (1024 per KV head,
+about 1 MB for 2 KV heads, so a piece is still in the CPU's cache when the matmul reads it): scores of every
 piece, one max and one sum over all of them, then the value matmuls accumulated piece by
 piece. The same arithmetic runs in place on reused buffers at inference (bitwise equal).
 """
