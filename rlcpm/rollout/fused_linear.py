@@ -6,10 +6,11 @@ output dimension, ``W = [Wq; Wk; Wv]`` ([sum N_i, K]), and their biases (zeros w
 none). The weight is kept transposed, ``W^T`` [K, N] contiguous, for ``addmm(b, x, W^T)``
 (faster than ``F.linear``'s transposed-operand GEMM on decode shapes: up to 2x at 8 rows).
 On CPU in float32 a large enough ``W`` is also prepacked for oneDNN
-(``torch.ops.mkldnn._linear_pointwise``, see rlcpm.rollout.packed_linear). Measured on the
-development VM's Xeon, one thread: the packed call is 5-15% faster than the plain GEMM at 32
-rows, but 10-50% slower at 1-16 rows, except for a weight larger than the caches (an LM
-head), where it wins from 2 rows. Each call picks by its number of rows. A bfloat16 ``W`` is
+(``torch.ops.mkldnn._linear_pointwise``, see rlcpm.rollout.packed_linear) and each call picks
+a GEMM by its number of rows: a weight larger than the caches (an LM head) uses the packed
+copy from 2 rows; a smaller one from the row count where the packed call starts to win on
+this machine (``packed_gemm_min_rows``, measured once per shape: it differs by CPU, from 4 rows
+on an EPYC to 32 on a Xeon). A bfloat16 ``W`` is
 always packed and always used packed: oneDNN's bfloat16 GEMM (AVX512-BF16 / AMX) beat the
 plain bfloat16 GEMM 1.2-3.4x at 1-32 rows on the development VM's EPYC, and the float32 one
 2.5-4.4x from 8 rows. Each output column is
@@ -27,13 +28,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rlcpm.rollout.packed_linear import is_packing_available
+from rlcpm.rollout.packed_linear import is_packing_available, packed_gemm_min_rows
 
 # Below this many weights a packed oneDNN call's fixed cost (~20-30 us) outweighs what it saves.
 MIN_PACKED_NUMEL = 1 << 18
-# When a packed copy exists, calls with at least this many rows use it (fewer: the plain GEMM);
-# weights past the caches (>= PACKED_LARGE_NUMEL, e.g. an LM head) use it from 2 rows.
-PACKED_MIN_ROWS = 32
+# Weights past the caches (>= PACKED_LARGE_NUMEL, e.g. an LM head) use the packed copy from 2
+# rows; smaller ones from the row count measured by packed_gemm_min_rows.
 PACKED_LARGE_NUMEL = 1 << 22
 
 
@@ -51,7 +51,7 @@ class FusedLinear:
         self.weight: torch.Tensor | None = None  # W^T [K, N] (None when every call uses the packed copy)
         self.packed_weight: torch.Tensor | None = None  # oneDNN-packed [N, K] (CPU bfloat16, large float32)
         self.bias: torch.Tensor | None = None  # [N] or None
-        self.packed_min_rows = PACKED_MIN_ROWS
+        self.packed_min_rows = 1
         self._key: tuple = ()
         self.num_refreshes = 0
 
@@ -80,7 +80,7 @@ class FusedLinear:
                 self.weight, self.packed_min_rows = None, 1
             else:
                 self.weight = weight.t().contiguous()  # [K, N]
-                self.packed_min_rows = 2 if weight.numel() >= PACKED_LARGE_NUMEL else PACKED_MIN_ROWS
+                self.packed_min_rows = self._float32_packed_min_rows(weight) if is_packable else 1
             self.bias = None
             if any(linear.bias is not None for linear in self.linears):
                 self.bias = torch.cat(
@@ -94,6 +94,13 @@ class FusedLinear:
         self._key = key
         self.num_refreshes += 1
         return True
+
+    @staticmethod
+    def _float32_packed_min_rows(weight: torch.Tensor) -> int:
+        if weight.numel() >= PACKED_LARGE_NUMEL:
+            return 2
+        out_features, in_features = weight.shape
+        return packed_gemm_min_rows(in_features, out_features, torch.get_num_threads())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])

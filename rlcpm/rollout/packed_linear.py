@@ -15,6 +15,9 @@ plain ``nn.Linear``.
 
 from __future__ import annotations
 
+import functools
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +30,52 @@ def is_packing_available() -> bool:
         and hasattr(ops, "_reorder_linear_weight")
         and hasattr(ops, "_linear_pointwise")
     )
+
+
+# Row counts at which `packed_gemm_min_rows` compares the two GEMMs, and its answer when the
+# packed call never wins among them (larger prefill batches still use the packed copy).
+CALIBRATION_ROWS = (1, 2, 4, 8, 16, 32, 64)
+_REPEATS = 7
+
+
+@functools.cache
+def packed_gemm_min_rows(in_features: int, out_features: int, num_threads: int) -> int:
+    """Fewest rows from which this machine's packed oneDNN float32 GEMM beats the plain one
+    (``x @ W^T`` on a contiguous transposed copy) for a [out, in] weight at every larger row
+    count measured; `CALIBRATION_ROWS[-1]` when it never does.
+
+    Measured once per weight shape and thread count per process (best of a few calls per row
+    count, tens of milliseconds in all). The crossover is the CPU's, not the code's: on the
+    Xeon the thresholds were first tuned on, the packed call lost 10-50% at 1-16 rows; on the
+    EPYC of a later VM it won 1.3-4x from 4 rows. Both paths compute the same dot products, so
+    the choice changes results only by float rounding.
+    """
+    weight = torch.randn(out_features, in_features)
+    transposed = weight.t().contiguous()
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, batch_size=32)
+    packed_wins = []
+    with torch.inference_mode():
+        for rows in CALIBRATION_ROWS:
+            x = torch.randn(rows, in_features)
+            plain_s = _best_time(torch.mm, x, transposed)
+            packed_s = _best_time(torch.ops.mkldnn._linear_pointwise, x, packed, None, "none", [], "")
+            packed_wins.append(packed_s < plain_s)
+    threshold = CALIBRATION_ROWS[-1]
+    for rows, wins in zip(reversed(CALIBRATION_ROWS), reversed(packed_wins)):
+        if not wins:
+            break
+        threshold = rows
+    return threshold
+
+
+def _best_time(fn, *args) -> float:
+    fn(*args)  # warm-up
+    best = float("inf")
+    for _ in range(_REPEATS):
+        start = time.perf_counter()
+        fn(*args)
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 class PackedLinear(nn.Linear):

@@ -17,7 +17,8 @@ from rlcpm.quant.export import convert_to_ternary
 from rlcpm.quant.qat import prepare_qat
 from rlcpm.rollout import Engine, Request, SamplingParams
 from rlcpm.rollout.fused_decoder import FusedDecoder, can_fuse
-from rlcpm.rollout.fused_linear import PACKED_MIN_ROWS, FusedLinear
+from rlcpm.rollout.fused_linear import FusedLinear
+from rlcpm.rollout.packed_linear import CALIBRATION_ROWS, packed_gemm_min_rows
 
 ARCHITECTURES = {
     "llama-tied": dict(model_type="llama", tie_word_embeddings=True, num_key_value_heads=1),
@@ -109,7 +110,7 @@ def test_models_with_non_plain_projections_keep_their_own_forward(arch_dirs):
     )
 
 
-@pytest.mark.parametrize("rows", [1, 2, 8, PACKED_MIN_ROWS, 3 * PACKED_MIN_ROWS])
+@pytest.mark.parametrize("rows", [1, 2, 8, 32, 96])
 def test_fused_linear_equals_the_separate_layers_on_both_gemm_paths(rows):
     torch.manual_seed(0)
     layers = [torch.nn.Linear(512, 512, bias=False), torch.nn.Linear(512, 256), torch.nn.Linear(512, 8192)]
@@ -125,6 +126,18 @@ def test_fused_linear_equals_the_separate_layers_on_both_gemm_paths(rows):
             layers[1].bias.add_(1.0)  # an in-place update is picked up by the next refresh
         assert fused.refresh() and not fused.refresh()
         torch.testing.assert_close(fused(x)[:, 512:], layers[1](x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_packed_gemm_threshold_is_measured_once_per_shape_and_used_by_fused_linears():
+    threshold = packed_gemm_min_rows(512, 768, torch.get_num_threads())
+    assert threshold in CALIBRATION_ROWS
+    assert packed_gemm_min_rows(512, 768, torch.get_num_threads()) == threshold  # cached, not re-measured
+    assert packed_gemm_min_rows.cache_info().hits >= 1
+    layers = [torch.nn.Linear(512, 512, bias=False), torch.nn.Linear(512, 256)]
+    fused = FusedLinear(layers)
+    with torch.inference_mode():
+        fused.refresh()
+    assert fused.packed_weight is not None and fused.packed_min_rows == threshold
 
 
 # ------------------------------------------------------------------------------------ bfloat16
@@ -155,7 +168,7 @@ def test_bfloat16_fused_engine_agrees_with_the_model_forward_to_bfloat16_roundin
         assert (logprobs.max(dim=-1).values - chosen).max() <= BF16_LOGPROB_TOL
 
 
-@pytest.mark.parametrize("rows", [1, 2, 8, PACKED_MIN_ROWS, 3 * PACKED_MIN_ROWS])
+@pytest.mark.parametrize("rows", [1, 2, 8, 32, 96])
 def test_bfloat16_fused_linear_uses_the_packed_copy_at_every_row_count(rows):
     torch.manual_seed(0)
     layers = [torch.nn.Linear(256, 256, bias=False), torch.nn.Linear(256, 64)]
