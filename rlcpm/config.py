@@ -340,6 +340,12 @@ class LearnerConfig(Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     max_grad_norm: float | None = Field(1.0, gt=0)
     micro_batch_tokens: int = Field(8192, gt=0, description="token budget of one packed micro-batch")
+    share_prompts: bool = Field(
+        True,
+        description="pack the responses to one prompt (a GRPO group, a DPO pair) with one copy of it "
+        "(same log-probs and gradients, fewer tokens); needs an attention backend that supports it "
+        "(dense, reference), else it is off",
+    )
     logprob_chunk_tokens: int = Field(
         1024, gt=0, description="tokens per chunk of the memory-lean log-softmax"
     )

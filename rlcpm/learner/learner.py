@@ -90,6 +90,7 @@ class Learner:
                 )
             apply_lora(self.policy, lora)
         self.uses_lora = lora is not None
+        self.shares_prompts = self.config.share_prompts and self.policy.attention_backend.supports_shared_prefix
         self.policy.train()
         self.root = PolicyWithLogprobHead(self.policy, self.config.logprob_chunk_tokens)
         self.reference = self._build_reference()
@@ -242,6 +243,7 @@ class Learner:
             units=units,
             rank=self.rank,
             world_size=self.world_size,
+            share_prompts=self.shares_prompts,
         )
         num = all_reduce_max(len(micro_batches))
         micro_batches += [placeholder_micro_batch() for _ in range(num - len(micro_batches))]

@@ -10,6 +10,13 @@ Only those rows ever reach the LM head.
     score_index  [N]   rows of the stream that predict a response token
     targets      [N]   the response tokens they predict
     row, col     [N]   where each scored token sits in the [S, R_max] layout of the loss
+
+Shared prompts (`share_prompts=True`): consecutive sequences with the same prompt (the G
+responses of a GRPO group, a DPO pair) store it once. The stream then holds segments: the
+prompt (all P tokens), and for each response its `response[:-1]` as a continuation that sees
+the whole prompt (AttentionMetadata.prefix_seq) with positions P, P + 1, ...; response token 0
+is scored at the prompt's last row, shared by all of them. Same log-probs and gradients (to
+rounding) for G - 1 fewer copies of the prompt in the forward and backward passes.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ class PackedMicroBatch:
 
     input_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64
-    seq_lens: list[int]  # S lengths summing to T
+    seq_lens: list[int]  # lengths of the packed segments, summing to T (one per sequence unless shared)
     score_index: torch.Tensor  # [N] int64
     targets: torch.Tensor  # [N] int64
     row: torch.Tensor  # [N] int64 in [0, S)
@@ -36,10 +43,11 @@ class PackedMicroBatch:
     sequence_ids: list[int]  # index in the batch of each of the S sequences
     max_response_len: int
     is_placeholder: bool = False  # a rank's filler pass (see placeholder_micro_batch)
+    segment_prefix: list[int] | None = None  # per segment, its shared prompt segment (-1: none)
 
     @property
     def num_sequences(self) -> int:
-        return len(self.seq_lens)
+        return len(self.sequence_ids)
 
     @property
     def num_tokens(self) -> int:
@@ -69,29 +77,53 @@ class PackedMicroBatch:
             seq_lens=self.seq_lens,
             sequence_ids=self.sequence_ids,
             max_response_len=self.max_response_len,
+            is_placeholder=self.is_placeholder,
+            segment_prefix=self.segment_prefix,
         )
 
 
 def pack_micro_batch(
-    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], sequence_ids: Sequence[int]
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    sequence_ids: Sequence[int],
+    share_prompts: bool = False,
 ) -> PackedMicroBatch:
-    """Pack the sequences `sequence_ids` (indices into prompts/responses) into one stream."""
+    """Pack the sequences `sequence_ids` (indices into prompts/responses) into one stream;
+    with `share_prompts`, runs of consecutive sequences with the same prompt store it once."""
     input_ids, positions, score_index, targets, rows, cols, seq_lens = [], [], [], [], [], [], []
-    offset = 0
+    segment_prefix: list[int] = []
+
+    def add_segment(tokens: list[int], first_position: int, prefix: int) -> int:
+        """Append a segment; returns the stream row of its first token."""
+        start = len(input_ids)
+        input_ids.extend(tokens)
+        positions.extend(range(first_position, first_position + len(tokens)))
+        seq_lens.append(len(tokens))
+        segment_prefix.append(prefix)
+        return start
+
+    shared = None  # (prompt, its segment index, its first row) while a run of one prompt lasts
     for row, s in enumerate(sequence_ids):
         prompt, response = list(prompts[s]), list(responses[s])
         if not prompt or not response:
             raise TrainingError(f"sequence {s}: packing needs a non-empty prompt and response")
-        tokens = (prompt + response)[:-1]
-        input_ids.extend(tokens)
-        positions.extend(range(len(tokens)))
-        first = offset + len(prompt) - 1
-        score_index.extend(range(first, first + len(response)))
+        next_prompt = list(prompts[sequence_ids[row + 1]]) if row + 1 < len(sequence_ids) else None
+        if shared is not None and shared[0] != prompt:
+            shared = None
+        if shared is None and share_prompts and next_prompt == prompt:
+            shared = (prompt, len(seq_lens), add_segment(prompt, 0, -1))
+        if shared is None:  # prompt + response[:-1] as one sequence
+            start = add_segment((prompt + response)[:-1], 0, -1)
+            first_scores = range(start + len(prompt) - 1, start + len(prompt) - 1 + len(response))
+        else:  # response[:-1] continuing the shared prompt; token 0 is scored at its last row
+            _, prompt_segment, prompt_start = shared
+            own = response[:-1]
+            start = add_segment(own, len(prompt), prompt_segment) if own else len(input_ids)
+            first_scores = [prompt_start + len(prompt) - 1, *range(start, start + len(own))]
+        score_index.extend(first_scores)
         targets.extend(response)
         rows.extend([row] * len(response))
         cols.extend(range(len(response)))
-        seq_lens.append(len(tokens))
-        offset += len(tokens)
     as_long = lambda xs: torch.tensor(xs, dtype=torch.long)
     return PackedMicroBatch(
         input_ids=as_long(input_ids),
@@ -103,6 +135,7 @@ def pack_micro_batch(
         col=as_long(cols),
         sequence_ids=list(sequence_ids),
         max_response_len=max(len(responses[s]) for s in sequence_ids),
+        segment_prefix=segment_prefix if any(p >= 0 for p in segment_prefix) else None,
     )
 
 
@@ -149,13 +182,16 @@ def plan_micro_batches(
     units: Sequence[Sequence[int]] | None = None,
     rank: int = 0,
     world_size: int = 1,
+    share_prompts: bool = False,
 ) -> list[PackedMicroBatch]:
     """This rank's packed micro-batches of at most `budget` tokens.
 
     `units` groups sequence indices that must share a micro-batch (a DPO pair: its loss couples
     both responses); by default each sequence with a non-empty response is its own unit, and
     units with nothing to score are left out. Units are balanced over ranks by tokens
-    (shard_across_ranks), then packed in order.
+    (shard_across_ranks), then packed in order. `share_prompts` packs each micro-batch with
+    shared prompts (pack_micro_batch); the budget still counts every prompt, so a micro-batch
+    then holds fewer tokens than it.
     """
     if units is None:
         units = [[i] for i in range(len(prompts)) if responses[i]]
@@ -164,7 +200,7 @@ def plan_micro_batches(
     micro_batches = []
     for group in split_by_token_budget([unit_lengths[u] for u in mine], budget):
         sequence_ids = [i for j in group for i in units[mine[j]]]
-        micro_batches.append(pack_micro_batch(prompts, responses, sequence_ids))
+        micro_batches.append(pack_micro_batch(prompts, responses, sequence_ids, share_prompts))
     return micro_batches
 
 

@@ -38,7 +38,9 @@ class PolicyWithLogprobHead(nn.Module):
         self, micro_batch: PackedMicroBatch, sampling: SamplingSpec = SamplingSpec()
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(logprobs [N], entropy [N]) float32 of micro_batch.targets at micro_batch.score_index."""
-        meta = AttentionMetadata.packed(micro_batch.seq_lens, device=micro_batch.input_ids.device)
+        meta = AttentionMetadata.packed(
+            micro_batch.seq_lens, device=micro_batch.input_ids.device, prefix_seq=micro_batch.segment_prefix
+        )
         hidden = self.policy(
             micro_batch.input_ids, micro_batch.positions, meta=meta, return_hidden=True
         )  # [T, H]

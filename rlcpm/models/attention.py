@@ -38,6 +38,9 @@ if TYPE_CHECKING:
 class AttentionBackend(ABC):
     """softmax(q k^T / sqrt(D)) v over the keys each query may see; holds no parameters."""
 
+    # Whether packed training metadata may carry shared prefixes (AttentionMetadata.prefix_seq).
+    supports_shared_prefix: bool = False
+
     def __init__(self, config: ModelConfig):
         self.config = config
         self.scale = config.head_dim**-0.5
@@ -119,5 +122,10 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = rope
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if meta.prefix_seq is not None and not self.backend.supports_shared_prefix:
+            raise UnsupportedModelError(
+                f"attention backend {type(self.backend).__name__} cannot attend over shared prefixes "
+                "(AttentionMetadata.prefix_seq); pack each sequence with its own prompt"
+            )
         out = self.backend.forward(q, k, v, meta, self.layer_idx, kv_cache)  # [T, Hq, D]
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))

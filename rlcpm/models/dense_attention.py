@@ -6,6 +6,9 @@ Both implement the same contract (rlcpm.models.attention.AttentionBackend):
 - paged cache: new K/V are written at `meta.slot_mapping` first; new query i of sequence s
   (0-based among its n_s new tokens) then sees cached keys j < context_lens[s] - n_s + i + 1.
 
+- packed with shared prefixes (`meta.prefix_seq`): a sequence continuing prefix p sees every
+  key of p, then its own keys causally (one prompt, stored once, for all its responses).
+
 `dense` pads a batch of similar-length sequences into [S, max_len] with one scatter and runs
 one `scaled_dot_product_attention` call (padded query rows are computed and dropped); when
 padding would more than double the work (ragged lengths) it runs one call per sequence
@@ -14,6 +17,8 @@ out; it is the oracle in tests.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -113,6 +118,72 @@ def is_padding_cheap(meta: AttentionMetadata) -> bool:
     return meta.cached("is_padding_cheap", decide)
 
 
+@dataclass
+class _PrefixGroup:
+    """A shared prefix (tokens start:end of the packed stream) and the sequences continuing it."""
+
+    start: int
+    end: int
+    rows: torch.Tensor  # [Tc] packed rows of the continuations' tokens, in order
+    lens: list[int]  # tokens of each continuation
+    padded_index: torch.Tensor | None  # [Tc] row of each token in [C * max_len]; None: one call each
+
+
+@dataclass
+class _SharedPrefixPlan:
+    """Layer-invariant split of a packed forward with shared prefixes (built once per forward)."""
+
+    plain_rows: torch.Tensor  # rows of sequences that continue no prefix (prefixes included)
+    plain_meta: AttentionMetadata | None  # those sequences as their own batch (None: there are none)
+    groups: list[_PrefixGroup]
+    inverse: torch.Tensor  # [T]: row of each token in cat([plain outputs, *group outputs])
+
+
+def _shared_prefix_plan(meta: AttentionMetadata) -> _SharedPrefixPlan:
+    def build() -> _SharedPrefixPlan:
+        device = meta.cu_seqlens_q.device
+        cu = meta.cu_seqlens_q.tolist()
+        prefix = meta.prefix_seq.tolist()
+        rows_of = lambda s: torch.arange(cu[s], cu[s + 1], device=device)  # noqa: E731
+        plain = [s for s, p in enumerate(prefix) if p < 0]
+        continuations: dict[int, list[int]] = {}
+        for s, p in enumerate(prefix):
+            if p >= 0:
+                continuations.setdefault(p, []).append(s)
+        plain_rows = torch.cat([rows_of(s) for s in plain]) if plain else torch.zeros(0, dtype=torch.long)
+        plain_meta = AttentionMetadata.packed([cu[s + 1] - cu[s] for s in plain], device) if plain else None
+        groups = []
+        for p, seqs in continuations.items():
+            lens = [cu[s + 1] - cu[s] for s in seqs]
+            width = max(lens)
+            num_prefix = cu[p + 1] - cu[p]
+            padded = len(lens) * width * (num_prefix + width)
+            real = sum(n * (num_prefix + n) for n in lens)
+            padded_index = None
+            if padded <= 2 * real:
+                padded_index = torch.cat([torch.arange(n, device=device) + i * width for i, n in enumerate(lens)])
+            groups.append(_PrefixGroup(cu[p], cu[p + 1], torch.cat([rows_of(s) for s in seqs]), lens, padded_index))
+        order = torch.cat([plain_rows.to(device), *[g.rows for g in groups]])
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(order.numel(), device=device)
+        return _SharedPrefixPlan(plain_rows.to(device), plain_meta, groups, inverse)
+
+    return meta.cached("shared_prefix_plan", build)
+
+
+def _pad_continuations(x: torch.Tensor, group: _PrefixGroup) -> torch.Tensor:
+    """[Tc, H, D] tokens of a group's continuations -> [C, max_len, H, D] (zeros after each end)."""
+    count, width = len(group.lens), max(group.lens)
+    padded = x.new_zeros(count * width, *x.shape[1:]).index_copy(0, group.padded_index, x)
+    return padded.view(count, width, *x.shape[1:])
+
+
+def _continuation_mask(num_prefix: int, num_queries: int, device) -> torch.Tensor:
+    """[n, P + n] bool: query i of a continuation sees the P prefix keys and its own keys 0..i."""
+    i = torch.arange(num_queries, device=device)[:, None]
+    return torch.arange(num_prefix + num_queries, device=device)[None, :] <= num_prefix + i
+
+
 class DenseAttention(AttentionBackend):
     """Exact causal attention with torch `scaled_dot_product_attention`.
 
@@ -120,7 +191,11 @@ class DenseAttention(AttentionBackend):
     dropped), one call per sequence when padding would more than double the work.
     """
 
+    supports_shared_prefix = True
+
     def forward(self, q, k, v, meta, layer_idx, kv_cache=None):
+        if kv_cache is None and meta.prefix_seq is not None:
+            return self._with_shared_prefixes(q, k, v, meta, layer_idx)
         if kv_cache is None:
             if meta.num_seqs == 1 or not is_padding_cheap(meta):
                 return self._per_sequence(q, k, v, meta)
@@ -139,6 +214,37 @@ class DenseAttention(AttentionBackend):
 
     def _sdpa(self, q, k, v, **kwargs):
         return F.scaled_dot_product_attention(q, k, v, scale=self.scale, enable_gqa=True, **kwargs)
+
+    def _with_shared_prefixes(self, q, k, v, meta, layer_idx):
+        """Sequences without a prefix as usual; the continuations of each prefix in one SDPA call
+        over [prefix keys (shared), own keys] (padded to the longest, or one call each when
+        padding would more than double the work)."""
+        plan = _shared_prefix_plan(meta)
+        outs = []
+        if plan.plain_meta is not None:
+            rows = plan.plain_rows
+            outs.append(self.forward(q[rows], k[rows], v[rows], plan.plain_meta, layer_idx))
+        for group in plan.groups:
+            k_prefix, v_prefix = k[group.start : group.end], v[group.start : group.end]
+            q_own, k_own, v_own = q[group.rows], k[group.rows], v[group.rows]
+            if group.padded_index is None:
+                outs += [
+                    self._continuation(qs[None], ks[None], vs[None], k_prefix, v_prefix)[0]
+                    for qs, ks, vs in zip(q_own.split(group.lens), k_own.split(group.lens), v_own.split(group.lens))
+                ]
+                continue
+            q_pad, k_pad, v_pad = (_pad_continuations(x, group) for x in (q_own, k_own, v_own))
+            out = self._continuation(q_pad, k_pad, v_pad, k_prefix, v_prefix)  # [C, width, Hq, D]
+            outs.append(out.flatten(0, 1).index_select(0, group.padded_index))
+        return torch.cat(outs).index_select(0, plan.inverse)
+
+    def _continuation(self, q, k, v, k_prefix, v_prefix):
+        """q/k/v [C, n, H, D] continuing one prefix k/v_prefix [P, Hkv, D] -> [C, n, Hq, D]."""
+        count, num_prefix = q.shape[0], k_prefix.shape[0]
+        keys = torch.cat([k_prefix.expand(count, *k_prefix.shape), k], dim=1).transpose(1, 2)
+        values = torch.cat([v_prefix.expand(count, *v_prefix.shape), v], dim=1).transpose(1, 2)
+        mask = _continuation_mask(num_prefix, q.shape[1], q.device)
+        return self._sdpa(q.transpose(1, 2), keys, values, attn_mask=mask).transpose(1, 2)
 
     def _per_sequence(self, q, k, v, meta):
         """Causal attention of each packed sequence on its own: [T, H, D] -> [T, Hq, D]."""
@@ -172,9 +278,12 @@ class DenseAttention(AttentionBackend):
 class ReferenceAttention(AttentionBackend):
     """The oracle: a Python loop over sequences with an explicit mask and float32 softmax."""
 
+    supports_shared_prefix = True
+
     def forward(self, q, k, v, meta, layer_idx, kv_cache=None):
         out = torch.empty_like(q)
         cu = meta.cu_seqlens_q.tolist()
+        prefix = meta.prefix_seq.tolist() if meta.prefix_seq is not None else [-1] * meta.num_seqs
         if kv_cache is not None:
             kv_cache.write(layer_idx, k, v, meta.slot_mapping)
             k_ctx, v_ctx = gather_cached_kv(kv_cache, layer_idx, meta)
@@ -183,6 +292,10 @@ class ReferenceAttention(AttentionBackend):
             n = end - start
             if kv_cache is None:
                 keys, values, num_before = k[start:end], v[start:end], 0
+                if prefix[s] >= 0:  # a continuation: every key of its prefix comes first
+                    before = slice(cu[prefix[s]], cu[prefix[s] + 1])
+                    keys, values = torch.cat([k[before], keys]), torch.cat([v[before], values])
+                    num_before = before.stop - before.start
             else:
                 ctx = int(meta.context_lens[s])
                 keys, values, num_before = k_ctx[s, :ctx], v_ctx[s, :ctx], ctx - n

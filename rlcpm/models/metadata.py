@@ -12,6 +12,11 @@ Packed training (no KV cache)::
     positions  [T]        restart at 0 for each sequence
     cu_seqlens_q [S+1]    int32 offsets: sequence s owns tokens cu[s]:cu[s+1]
     attention: causal within each sequence only
+    prefix_seq [S]        optional (shared-prompt packing): sequence prefix_seq[s] >= 0 holds
+                          the tokens that come BEFORE sequence s's own (its prompt, stored once
+                          for every response to it); s's positions continue after them and its
+                          queries see all of them, then its own keys causally; -1 = none.
+                          A prefix sequence comes earlier and has no prefix itself.
 
 Paged KV cache (engine; prefill chunks, single decode tokens and k+1 verification tokens
 may be mixed freely in one batch)::
@@ -52,6 +57,8 @@ class AttentionMetadata:
         block_tables: [S, max_blocks] int32 block ids, padded with -1 (cache only).
         max_seqlen_q: max n_s; computed from cu_seqlens_q when not given.
         max_context_len: max context_lens; computed when not given.
+        prefix_seq: [S] int64 shared-prefix sequence of each packed sequence, -1 = none
+            (packed training only).
     """
 
     cu_seqlens_q: torch.Tensor
@@ -60,6 +67,7 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None = None
     max_seqlen_q: int | None = None
     max_context_len: int | None = None
+    prefix_seq: torch.Tensor | None = None
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -79,22 +87,47 @@ class AttentionMetadata:
                 )
                 + ")"
             )
+        if self.prefix_seq is not None:
+            self._check_prefixes()
         if self.max_seqlen_q is None:
             self.max_seqlen_q = int(self.seq_lens_q.max())
         if self.context_lens is not None and self.max_context_len is None:
             self.max_context_len = int(self.context_lens.max())
 
+    def _check_prefixes(self) -> None:
+        prefix = self.prefix_seq.tolist()
+        if self.slot_mapping is not None or len(prefix) != self.num_seqs:
+            raise EngineError(
+                f"AttentionMetadata.prefix_seq is for packed training: one entry per sequence "
+                f"({self.num_seqs}), no KV cache; got {len(prefix)} entries"
+                + (" with a cache" if self.slot_mapping is not None else "")
+            )
+        for s, p in enumerate(prefix):
+            if p >= 0 and not (p < s and prefix[p] < 0):
+                raise EngineError(
+                    f"AttentionMetadata.prefix_seq[{s}] = {p}: a prefix must be an earlier sequence "
+                    "without a prefix of its own"
+                )
+
     # ----------------------------------------------------------------------------- builders
 
     @classmethod
     def packed(
-        cls, seq_lens: list[int] | torch.Tensor, device: torch.device | str = "cpu"
+        cls,
+        seq_lens: list[int] | torch.Tensor,
+        device: torch.device | str = "cpu",
+        prefix_seq: list[int] | torch.Tensor | None = None,
     ) -> AttentionMetadata:
-        """Metadata of packed training sequences of the given lengths (no cache)."""
+        """Metadata of packed training sequences of the given lengths (no cache); `prefix_seq`
+        marks shared prompts (see the module docstring)."""
         lens = torch.as_tensor(seq_lens, dtype=torch.int32, device=device)
         cu = torch.zeros(lens.numel() + 1, dtype=torch.int32, device=device)
         cu[1:] = torch.cumsum(lens, 0)
-        return cls(cu_seqlens_q=cu)
+        if prefix_seq is not None:
+            prefix_seq = torch.as_tensor(prefix_seq, dtype=torch.int64, device=device)
+            if not bool((prefix_seq >= 0).any()):
+                prefix_seq = None
+        return cls(cu_seqlens_q=cu, prefix_seq=prefix_seq)
 
     @classmethod
     def paged(

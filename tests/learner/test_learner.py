@@ -60,6 +60,29 @@ def test_gradient_accumulation_invariance(make_recipe, make_rl_batch, agg):
         torch.testing.assert_close(many[name], one[name], rtol=1e-6, atol=1e-6 * one[name].abs().max().item())
 
 
+def test_shared_prompts_give_the_same_logprobs_and_gradients(make_recipe, make_rl_batch):
+    """Packing a group's prompt once (learner.share_prompts) changes only the work done."""
+    results = []
+    for share in (True, False):
+        learner = Learner(make_recipe({"learner": {"share_prompts": share}}))
+        assert learner.shares_prompts is share
+        batch = make_rl_batch(learner, num_groups=3, seed=2)
+        logprobs = learner.compute_logprobs(batch)
+        captured = _capture_gradients(learner)
+        learner.train_step(batch)
+        results.append((logprobs, captured))
+    (lp_shared, grads_shared), (lp_plain, grads_plain) = results
+    torch.testing.assert_close(torch.tensor(sum(lp_shared, [])), torch.tensor(sum(lp_plain, [])), rtol=0, atol=1e-5)
+    for name in grads_plain:
+        scale = grads_plain[name].abs().max().item()
+        torch.testing.assert_close(grads_shared[name], grads_plain[name], rtol=1e-5, atol=1e-6 * scale)
+
+
+def test_prompts_are_not_shared_under_an_attention_backend_without_support(make_recipe):
+    learner = Learner(make_recipe({"model": {"attention": "sparse"}}))
+    assert not learner.shares_prompts
+
+
 def test_loss_masked_responses_get_no_gradient(make_recipe, make_rl_batch):
     learner = Learner(make_recipe())
     batch = make_rl_batch(learner, num_groups=1)

@@ -32,6 +32,30 @@ def test_pack_layout():
     )
 
 
+def test_shared_prompt_layout():
+    prompts = [[1, 2, 3], [1, 2, 3], [1, 2, 3], [4, 5]]
+    responses = [[7, 8], [9], [10, 11, 12], [13, 14]]
+    mb = pack_micro_batch(prompts, responses, [0, 1, 2, 3], share_prompts=True)
+    # the prompt once, then each response[:-1] continuing it ([9][:-1] is empty: no segment);
+    # the last sequence has its own prompt: an ordinary sequence
+    assert mb.input_ids.tolist() == [1, 2, 3, 7, 10, 11, 4, 5, 13]
+    assert mb.positions.tolist() == [0, 1, 2, 3, 3, 4, 0, 1, 2]
+    assert mb.seq_lens == [3, 1, 2, 3]
+    assert mb.segment_prefix == [-1, 0, 0, -1]
+    # every response's first token is predicted by the prompt's last row (index 2)
+    assert mb.score_index.tolist() == [2, 3, 2, 2, 4, 5, 7, 8]
+    assert mb.targets.tolist() == [7, 8, 9, 10, 11, 12, 13, 14]
+    assert mb.num_sequences == 4
+    assert mb.to_padded(mb.targets.float(), fill=-1).tolist() == [
+        [7, 8, -1],
+        [9, -1, -1],
+        [10, 11, 12],
+        [13, 14, -1],
+    ]
+    unshared = pack_micro_batch(prompts, responses, [0, 1, 2, 3])
+    assert unshared.segment_prefix is None and unshared.num_tokens == 4 + 3 + 5 + 3
+
+
 def test_token_budget_split():
     assert split_by_token_budget([3, 3, 3, 10, 1, 0, 2], budget=6) == [[0, 1], [2], [3], [4, 6]]
     mbs = plan_micro_batches([[1] * 5] * 4, [[2] * 3] * 4, budget=16)

@@ -106,3 +106,85 @@ def test_return_hidden_then_compute_logits_equals_logits(model_type, tied, make_
     assert torch.equal(model.compute_logits(hidden), logits)
     # The head is one matrix the learner / FR-Spec can slice: logits = hidden @ W^T.
     torch.testing.assert_close(hidden @ model.lm_head.weight.T, logits, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------- shared prefixes
+
+# (prompt length, continuation lengths): similar continuations run as one padded call,
+# ragged ones one call each
+SHARED = {"similar": [(6, [5, 4, 5]), (3, [2, 3])], "ragged": [(5, [1, 17, 2]), (4, [9])]}
+
+
+def _shared_and_unshared(model, groups, random_ids):
+    """The same prompts + continuations packed twice: with each prompt once (prefix_seq), and
+    as ordinary sequences (prompt + continuation each). Returns both streams' pieces."""
+    shared_ids, shared_pos, seg_lens, prefix = [], [], [], []
+    plain_ids, plain_lens, pick_shared, pick_plain = [], [], [], []
+    offset_shared = offset_plain = 0
+    for g, (num_prompt, lens) in enumerate(groups):
+        prompt = random_ids(num_prompt, seed=100 + g)
+        prompt_segment = len(seg_lens)
+        shared_ids.append(prompt), shared_pos.append(torch.arange(num_prompt))
+        seg_lens.append(num_prompt), prefix.append(-1)
+        pick_shared += range(offset_shared, offset_shared + num_prompt)
+        offset_shared += num_prompt
+        for c, n in enumerate(lens):
+            own = random_ids(n, seed=10 * g + c)
+            shared_ids.append(own), shared_pos.append(torch.arange(num_prompt, num_prompt + n))
+            seg_lens.append(n), prefix.append(prompt_segment)
+            pick_shared += range(offset_shared, offset_shared + n)
+            offset_shared += n
+            plain_ids += [prompt, own]
+            plain_lens.append(num_prompt + n)
+            if c == 0:  # the prompt's rows, once
+                pick_plain += range(offset_plain, offset_plain + num_prompt)
+            pick_plain += range(offset_plain + num_prompt, offset_plain + num_prompt + n)
+            offset_plain += num_prompt + n
+    shared = (torch.cat(shared_ids), torch.cat(shared_pos), AttentionMetadata.packed(seg_lens, prefix_seq=prefix))
+    plain = (torch.cat(plain_ids), None, AttentionMetadata.packed(plain_lens))
+    return shared, plain, torch.tensor(pick_shared), torch.tensor(pick_plain)
+
+
+@pytest.mark.parametrize("backend", ["dense", "reference"])
+@pytest.mark.parametrize("case", list(SHARED))
+def test_shared_prefix_packing_equals_repeating_the_prompt(backend, case, make_model, random_ids):
+    """A prompt stored once for several continuations gives the same outputs (on every row that
+    exists in both layouts) and the same parameter gradients as repeating it per continuation."""
+    model = make_model("qwen3", num_key_value_heads=2).train()
+    model.set_attention_backend(backend)
+    shared, plain, pick_shared, pick_plain = _shared_and_unshared(model, SHARED[case], random_ids)
+    weights = torch.randn(pick_shared.numel(), 96, generator=torch.Generator().manual_seed(3))
+
+    def run(ids, positions, meta, pick):
+        model.zero_grad()
+        out = model(ids, positions, meta=meta)[pick]
+        (out * weights).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    # a prompt row repeated in the plain layout gets its gradient weight once: pick it once
+    out_shared, grads_shared = run(*shared, pick_shared)
+    out_plain, grads_plain = run(*plain, pick_plain)
+    assert (out_shared - out_plain).abs().max().item() <= 1e-5
+    for name in grads_plain:
+        scale = grads_plain[name].abs().max().item()
+        assert (grads_shared[name] - grads_plain[name]).abs().max().item() <= 2e-6 * max(scale, 1e-6), name
+
+
+def test_invalid_shared_prefixes_are_refused():
+    from rlcpm.errors import EngineError
+
+    with pytest.raises(EngineError, match="earlier sequence without a prefix"):
+        AttentionMetadata.packed([3, 2, 2], prefix_seq=[-1, 0, 1])  # a prefix of a continuation
+    with pytest.raises(EngineError, match="earlier sequence"):
+        AttentionMetadata.packed([3, 2], prefix_seq=[1, -1])  # a later prefix
+    assert AttentionMetadata.packed([3, 2], prefix_seq=[-1, -1]).prefix_seq is None
+
+
+def test_a_backend_without_shared_prefix_support_refuses_them(make_model, random_ids):
+    from rlcpm.errors import UnsupportedModelError
+
+    model = make_model("llama")
+    model.set_attention_backend("sparse")
+    meta = AttentionMetadata.packed([4, 3], prefix_seq=[-1, 0])
+    with pytest.raises(UnsupportedModelError, match="shared prefixes"):
+        model(random_ids(7), torch.tensor([0, 1, 2, 3, 4, 5, 6]), meta=meta)
