@@ -45,7 +45,7 @@ TRANSITIONS = {
 NEVER = -30.0  # logit of a transition that must not happen (prompt ids as outputs included)
 
 
-def build_model(root: Path) -> Path:
+def build_model(root: Path, hidden: int = 128, layers: int = 4) -> Path:
     """The long-tail Markov-chain llama described in the module docstring."""
     import torch
     from safetensors.torch import load_file, save_file
@@ -53,7 +53,7 @@ def build_model(root: Path) -> Path:
     from rlcpm.models.tiny import build_tiny_model_dir
 
     path = build_tiny_model_dir(
-        root / "model", "llama", hidden_size=128, intermediate_size=384, num_hidden_layers=4, seed=0,
+        root / "model", "llama", hidden_size=hidden, intermediate_size=3 * hidden, num_hidden_layers=layers, seed=0,
         tokenizer_vocab_size=TOKENIZER_SIZE, vocab_size=VOCAB_SIZE,
     )  # fmt: skip
     tensors = load_file(str(path / "model.safetensors"))

@@ -181,20 +181,27 @@ class MirroredDecodeAttention(DenseAttention):
         rows: list[int],
         context_before: list[int],
     ) -> None:
-        """Copy the cached KV of the sequences ``loads`` (batch indices) into their rows."""
-        block_size = kv_cache.block_size
-        longest = max(context_before[index] for index in loads)
+        """Copy the cached KV of the sequences ``loads`` (batch indices) into their rows.
+
+        One gather per number of KV blocks: a batch of short new sequences next to a few long
+        carried ones (chunked rollout) copies each sequence's own blocks, not the longest's."""
         self.num_row_loads += len(loads)
-        if longest == 0:
-            return
-        num_blocks = -(-longest // block_size)
+        block_size = kv_cache.block_size
+        by_num_blocks: dict[int, list[int]] = {}
+        for index in loads:
+            if context_before[index] > 0:
+                by_num_blocks.setdefault(-(-context_before[index] // block_size), []).append(index)
         device = block_tables.device
-        batch_index = torch.tensor(loads, dtype=torch.long, device=device)
-        table = block_tables[batch_index, :num_blocks].long().clamp(min=0)  # [n, nb]
-        gathered = kv_cache.storage[:, :, table]  # [2, L, n, nb, bs, Hkv, D]
-        gathered = gathered.flatten(3, 4)[:, :, :, :longest].transpose(3, 4)  # [2, L, n, Hkv, longest, D]
-        target = torch.tensor([rows[index] for index in loads], dtype=torch.long, device=self.mirror.device)
-        self.mirror[:, :, target, :, :longest] = gathered.to(self.mirror.dtype)
+        for num_blocks, indices in by_num_blocks.items():
+            longest = max(context_before[index] for index in indices)
+            batch_index = torch.tensor(indices, dtype=torch.long, device=device)
+            table = block_tables[batch_index, :num_blocks].long().clamp(min=0)  # [n, nb]
+            gathered = kv_cache.storage[:, :, table]  # [2, L, n, nb, bs, Hkv, D]
+            gathered = gathered.flatten(3, 4)[:, :, :, :longest].transpose(3, 4)  # [2, L, n, Hkv, longest, D]
+            target = torch.tensor(
+                [rows[index] for index in indices], dtype=torch.long, device=self.mirror.device
+            )
+            self.mirror[:, :, target, :, :longest] = gathered.to(self.mirror.dtype)
 
     # ------------------------------------------------------------------------------- forward
 
