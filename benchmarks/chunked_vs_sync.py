@@ -93,7 +93,12 @@ def run_mode(model_dir: Path, run_dir: Path, chunk_tokens: int | None, args) -> 
             "model": {"path": str(model_dir), "dtype": "float32", "device": "cpu"},
             "data": {"train": {"task": "arithmetic", "num_samples": 2000}, "apply_chat_template": False},
             "rewards": [{"name": "math"}],
-            "algorithm": {"name": "grpo", "groups_per_step": args.groups, "dynamic_sampling": False, "kl_coef": 0.0},
+            "algorithm": {
+                "name": "grpo",
+                "groups_per_step": args.groups,
+                "dynamic_sampling": False,
+                "kl_coef": 0.0,
+            },
             "rollout": {
                 "n_samples": args.samples,
                 "max_new_tokens": args.max_new_tokens,
@@ -102,7 +107,11 @@ def run_mode(model_dir: Path, run_dir: Path, chunk_tokens: int | None, args) -> 
                 "max_batch_seqs": 256,
                 "dtype": args.dtype,
             },
-            "learner": {"lr": 1e-5, "total_steps": args.steps, "checkpoint": {"every_steps": 10_000, "save_final": False}},
+            "learner": {
+                "lr": 1e-5,
+                "total_steps": args.steps,
+                "checkpoint": {"every_steps": 10_000, "save_final": False},
+            },
             "logging": {"wandb": {"mode": "disabled"}, "progress": False, "samples_every": 0},
             "cluster": {"num_cpus": 2, "reward_workers": 1},
         }
@@ -132,7 +141,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--groups", type=int, default=16)
     parser.add_argument("--samples", type=int, default=8)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="the engines' dtype")
+    parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="the engines' dtype"
+    )
     args = parser.parse_args(argv)
 
     import ray

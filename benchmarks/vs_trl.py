@@ -157,7 +157,10 @@ def main(argv: list[str] | None = None) -> dict:
             if out.returncode != 0 or not lines:
                 raise SystemExit(f"{system} failed:\n{out.stderr[-4000:]}")
             times = json.loads(lines[-1][len("RESULT ") :])
-            results[system] = {"step_times_s": times, "mean_step_time_s": statistics.fmean(times[args.warmup :])}
+            results[system] = {
+                "step_times_s": times,
+                "mean_step_time_s": statistics.fmean(times[args.warmup :]),
+            }
     ratio = results["trl"]["mean_step_time_s"] / results["rlcpm"]["mean_step_time_s"]
     ratio_overlap = results["trl"]["mean_step_time_s"] / results["rlcpm-overlap"]["mean_step_time_s"]
     print(f"model: {num_params / 1e6:.1f}M params; {args.prompts} prompts x {args.samples} samples, "

@@ -48,7 +48,9 @@ def run_quickstart(
     for label, key in (("sampled", "accuracy"), ("greedy", "greedy_accuracy")):
         before, after = summary.get(f"{key}_before"), summary.get(f"{key}_after")
         if before is not None and after is not None:
-            print(f"held-out accuracy ({label}): {before:.1%} -> {after:.1%} ({(after - before) * 100:+.1f} points)")
+            print(
+                f"held-out accuracy ({label}): {before:.1%} -> {after:.1%} ({(after - before) * 100:+.1f} points)"
+            )
     print(f"plots: rlcpm report {result.run_dir}")
     return summary
 

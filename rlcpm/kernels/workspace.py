@@ -23,7 +23,9 @@ class Workspace:
     def __init__(self):
         self._local = threading.local()
 
-    def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def get(
+        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
         """A contiguous tensor of `shape` (uninitialised) backed by the buffer `name`."""
         buffers = self._buffers()
         key = (name, dtype, torch.device(device), torch.is_inference_mode_enabled())

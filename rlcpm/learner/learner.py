@@ -90,7 +90,9 @@ class Learner:
                 )
             apply_lora(self.policy, lora)
         self.uses_lora = lora is not None
-        self.shares_prompts = self.config.share_prompts and self.policy.attention_backend.supports_shared_prefix
+        self.shares_prompts = (
+            self.config.share_prompts and self.policy.attention_backend.supports_shared_prefix
+        )
         self.policy.train()
         self.root = PolicyWithLogprobHead(self.policy, self.config.logprob_chunk_tokens)
         self.reference = self._build_reference()

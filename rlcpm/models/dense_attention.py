@@ -161,8 +161,12 @@ def _shared_prefix_plan(meta: AttentionMetadata) -> _SharedPrefixPlan:
             real = sum(n * (num_prefix + n) for n in lens)
             padded_index = None
             if padded <= 2 * real:
-                padded_index = torch.cat([torch.arange(n, device=device) + i * width for i, n in enumerate(lens)])
-            groups.append(_PrefixGroup(cu[p], cu[p + 1], torch.cat([rows_of(s) for s in seqs]), lens, padded_index))
+                padded_index = torch.cat(
+                    [torch.arange(n, device=device) + i * width for i, n in enumerate(lens)]
+                )
+            groups.append(
+                _PrefixGroup(cu[p], cu[p + 1], torch.cat([rows_of(s) for s in seqs]), lens, padded_index)
+            )
         order = torch.cat([plain_rows.to(device), *[g.rows for g in groups]])
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=device)
@@ -230,7 +234,9 @@ class DenseAttention(AttentionBackend):
             if group.padded_index is None:
                 outs += [
                     self._continuation(qs[None], ks[None], vs[None], k_prefix, v_prefix)[0]
-                    for qs, ks, vs in zip(q_own.split(group.lens), k_own.split(group.lens), v_own.split(group.lens))
+                    for qs, ks, vs in zip(
+                        q_own.split(group.lens), k_own.split(group.lens), v_own.split(group.lens)
+                    )
                 ]
                 continue
             q_pad, k_pad, v_pad = (_pad_continuations(x, group) for x in (q_own, k_own, v_own))

@@ -31,7 +31,9 @@ def test_buffers_are_per_thread():
     ws = Workspace()
     main = ws.get("keys", (64,), torch.float32, "cpu").data_ptr()
     other = []
-    thread = threading.Thread(target=lambda: other.append(ws.get("keys", (64,), torch.float32, "cpu").data_ptr()))
+    thread = threading.Thread(
+        target=lambda: other.append(ws.get("keys", (64,), torch.float32, "cpu").data_ptr())
+    )
     thread.start()
     thread.join()
     assert other[0] != main

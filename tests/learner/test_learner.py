@@ -72,7 +72,9 @@ def test_shared_prompts_give_the_same_logprobs_and_gradients(make_recipe, make_r
         learner.train_step(batch)
         results.append((logprobs, captured))
     (lp_shared, grads_shared), (lp_plain, grads_plain) = results
-    torch.testing.assert_close(torch.tensor(sum(lp_shared, [])), torch.tensor(sum(lp_plain, [])), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        torch.tensor(sum(lp_shared, [])), torch.tensor(sum(lp_plain, [])), rtol=0, atol=1e-5
+    )
     for name in grads_plain:
         scale = grads_plain[name].abs().max().item()
         torch.testing.assert_close(grads_shared[name], grads_plain[name], rtol=1e-5, atol=1e-6 * scale)

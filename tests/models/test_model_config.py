@@ -89,7 +89,8 @@ def test_missing_required_key_is_named():
 
 def test_unknown_attention_backend_lists_available():
     with pytest.raises(
-        UnsupportedModelError, match=r"'flash' is not registered; available: \['dense', 'reference', 'sparse'\]"
+        UnsupportedModelError,
+        match=r"'flash' is not registered; available: \['dense', 'reference', 'sparse'\]",
     ):
         get_attention_backend("flash")
 

@@ -140,7 +140,11 @@ def _shared_and_unshared(model, groups, random_ids):
                 pick_plain += range(offset_plain, offset_plain + num_prompt)
             pick_plain += range(offset_plain + num_prompt, offset_plain + num_prompt + n)
             offset_plain += num_prompt + n
-    shared = (torch.cat(shared_ids), torch.cat(shared_pos), AttentionMetadata.packed(seg_lens, prefix_seq=prefix))
+    shared = (
+        torch.cat(shared_ids),
+        torch.cat(shared_pos),
+        AttentionMetadata.packed(seg_lens, prefix_seq=prefix),
+    )
     plain = (torch.cat(plain_ids), None, AttentionMetadata.packed(plain_lens))
     return shared, plain, torch.tensor(pick_shared), torch.tensor(pick_plain)
 
