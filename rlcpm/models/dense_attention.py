@@ -127,6 +127,7 @@ class _PrefixGroup:
     rows: torch.Tensor  # [Tc] packed rows of the continuations' tokens, in order
     lens: list[int]  # tokens of each continuation
     padded_index: torch.Tensor | None  # [Tc] row of each token in [C * max_len]; None: one call each
+    masks: list[torch.Tensor]  # one [n, P + n] mask for the padded call, else one per continuation
 
 
 @dataclass
@@ -150,7 +151,11 @@ def _shared_prefix_plan(meta: AttentionMetadata) -> _SharedPrefixPlan:
         for s, p in enumerate(prefix):
             if p >= 0:
                 continuations.setdefault(p, []).append(s)
-        plain_rows = torch.cat([rows_of(s) for s in plain]) if plain else torch.zeros(0, dtype=torch.long)
+        plain_rows = (
+            torch.cat([rows_of(s) for s in plain])
+            if plain
+            else torch.zeros(0, dtype=torch.long, device=device)
+        )
         plain_meta = AttentionMetadata.packed([cu[s + 1] - cu[s] for s in plain], device) if plain else None
         groups = []
         for p, seqs in continuations.items():
@@ -160,17 +165,18 @@ def _shared_prefix_plan(meta: AttentionMetadata) -> _SharedPrefixPlan:
             padded = len(lens) * width * (num_prefix + width)
             real = sum(n * (num_prefix + n) for n in lens)
             padded_index = None
+            masks = [lower_right_causal_mask(n, num_prefix + n, device) for n in lens]
             if padded <= 2 * real:
                 padded_index = torch.cat(
                     [torch.arange(n, device=device) + i * width for i, n in enumerate(lens)]
                 )
-            groups.append(
-                _PrefixGroup(cu[p], cu[p + 1], torch.cat([rows_of(s) for s in seqs]), lens, padded_index)
-            )
-        order = torch.cat([plain_rows.to(device), *[g.rows for g in groups]])
+                masks = [lower_right_causal_mask(width, num_prefix + width, device)]
+            rows = torch.cat([rows_of(s) for s in seqs])
+            groups.append(_PrefixGroup(cu[p], cu[p + 1], rows, lens, padded_index, masks))
+        order = torch.cat([plain_rows, *[g.rows for g in groups]])
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=device)
-        return _SharedPrefixPlan(plain_rows.to(device), plain_meta, groups, inverse)
+        return _SharedPrefixPlan(plain_rows, plain_meta, groups, inverse)
 
     return meta.cached("shared_prefix_plan", build)
 
@@ -182,10 +188,11 @@ def _pad_continuations(x: torch.Tensor, group: _PrefixGroup) -> torch.Tensor:
     return padded.view(count, width, *x.shape[1:])
 
 
-def _continuation_mask(num_prefix: int, num_queries: int, device) -> torch.Tensor:
-    """[n, P + n] bool: query i of a continuation sees the P prefix keys and its own keys 0..i."""
+def lower_right_causal_mask(num_queries: int, num_keys: int, device) -> torch.Tensor:
+    """[n, K] bool: the n queries are the last n of K positions; query i sees keys 0..K - n + i
+    (new tokens after a cached context, or a continuation after its shared prefix)."""
     i = torch.arange(num_queries, device=device)[:, None]
-    return torch.arange(num_prefix + num_queries, device=device)[None, :] <= num_prefix + i
+    return torch.arange(num_keys, device=device)[None, :] <= num_keys - num_queries + i
 
 
 class DenseAttention(AttentionBackend):
@@ -233,23 +240,25 @@ class DenseAttention(AttentionBackend):
             q_own, k_own, v_own = q[group.rows], k[group.rows], v[group.rows]
             if group.padded_index is None:
                 outs += [
-                    self._continuation(qs[None], ks[None], vs[None], k_prefix, v_prefix)[0]
-                    for qs, ks, vs in zip(
-                        q_own.split(group.lens), k_own.split(group.lens), v_own.split(group.lens)
+                    self._continuation(qs[None], ks[None], vs[None], k_prefix, v_prefix, mask)[0]
+                    for qs, ks, vs, mask in zip(
+                        q_own.split(group.lens), k_own.split(group.lens), v_own.split(group.lens), group.masks
                     )
                 ]
                 continue
             q_pad, k_pad, v_pad = (_pad_continuations(x, group) for x in (q_own, k_own, v_own))
-            out = self._continuation(q_pad, k_pad, v_pad, k_prefix, v_prefix)  # [C, width, Hq, D]
+            out = self._continuation(
+                q_pad, k_pad, v_pad, k_prefix, v_prefix, group.masks[0]
+            )  # [C, width, Hq, D]
             outs.append(out.flatten(0, 1).index_select(0, group.padded_index))
         return torch.cat(outs).index_select(0, plan.inverse)
 
-    def _continuation(self, q, k, v, k_prefix, v_prefix):
-        """q/k/v [C, n, H, D] continuing one prefix k/v_prefix [P, Hkv, D] -> [C, n, Hq, D]."""
-        count, num_prefix = q.shape[0], k_prefix.shape[0]
+    def _continuation(self, q, k, v, k_prefix, v_prefix, mask):
+        """q/k/v [C, n, H, D] continuing one prefix k/v_prefix [P, Hkv, D] -> [C, n, Hq, D]
+        (mask: lower_right_causal_mask(n, P + n))."""
+        count = q.shape[0]
         keys = torch.cat([k_prefix.expand(count, *k_prefix.shape), k], dim=1).transpose(1, 2)
         values = torch.cat([v_prefix.expand(count, *v_prefix.shape), v], dim=1).transpose(1, 2)
-        mask = _continuation_mask(num_prefix, q.shape[1], q.device)
         return self._sdpa(q.transpose(1, 2), keys, values, attn_mask=mask).transpose(1, 2)
 
     def _per_sequence(self, q, k, v, meta):
@@ -275,8 +284,7 @@ class DenseAttention(AttentionBackend):
                 kv_cache.k[layer_idx][blocks].flatten(0, 1)[:ctx].to(q.dtype).transpose(0, 1)
             )  # [Hkv, ctx, D]
             vs = kv_cache.v[layer_idx][blocks].flatten(0, 1)[:ctx].to(q.dtype).transpose(0, 1)
-            i = torch.arange(n, device=q.device)[:, None]
-            visible = torch.arange(ctx, device=q.device)[None, :] <= ctx - n + i  # [n, ctx]
+            visible = lower_right_causal_mask(n, ctx, q.device)  # [n, ctx]
             outs.append(self._sdpa(qs.transpose(0, 1), ks, vs, attn_mask=visible).transpose(0, 1))
         return torch.cat(outs)
 
