@@ -25,6 +25,7 @@ import torch
 from rlcpm.errors import EngineError
 from rlcpm.kernels.infllm_v2.compress import num_windows
 from rlcpm.kernels.infllm_v2.layout import KeyLayout
+from rlcpm.kernels.workspace import can_use_scratch, scratch
 
 
 @dataclass
@@ -98,5 +99,14 @@ class PagedCompressedKeys:
             self.data[layer].index_copy_(0, plan.new_entries, pool(keys_flat, plan.new_window_rows))
 
     def gather(self, layer: int, plan: CompressionPlan) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every sequence's compressed keys, packed: ([N, Hkv, D], cu [S+1] int32)."""
-        return self.data[layer].index_select(0, plan.entries), plan.cu_entries
+        """Every sequence's compressed keys, packed: ([N, Hkv, D], cu [S+1] int32).
+
+        At inference on CPU the keys land in a reused scratch buffer (valid until this tier's
+        next gather): a fresh multi-MB tensor per layer and step costs more in page faults
+        than the copy itself."""
+        data = self.data[layer]
+        if not can_use_scratch(data):
+            return data.index_select(0, plan.entries), plan.cu_entries
+        name = f"compressed_keys:{self.kernel_size}:{self.kernel_stride}"
+        out = scratch.get(name, (plan.entries.numel(), *data.shape[1:]), data.dtype, data.device)
+        return torch.index_select(data, 0, plan.entries, out=out), plan.cu_entries
