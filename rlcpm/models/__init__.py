@@ -2,13 +2,14 @@
 
     from rlcpm.models import load_model, save_model
     model = load_model(path)                 # model(input_ids [B, T]) -> logits [B, T, V]
+    tokenizer = load_tokenizer(path)         # AutoTokenizer, also for configs it cannot parse
 
 See docs/models.md for the forward contract (packed sequences, paged KV cache) and
 rlcpm.models.transformer / metadata / kv_cache for the details.
 """
 
 from rlcpm.models.attention import AttentionBackend, get_attention_backend, register_attention_backend
-from rlcpm.models.checkpoint import load_model, read_config, save_model
+from rlcpm.models.checkpoint import load_model, load_tokenizer, read_config, save_model
 from rlcpm.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from rlcpm.models.kv_cache import PagedKVCache
 from rlcpm.models.metadata import AttentionMetadata
@@ -25,6 +26,7 @@ __all__ = [
     "build_tokenizer",
     "get_attention_backend",
     "load_model",
+    "load_tokenizer",
     "read_config",
     "register_attention_backend",
     "save_model",

@@ -53,6 +53,29 @@ def read_config(path: str | Path) -> ModelConfig:
     return ModelConfig.from_hf(hf, source=str(config_path))
 
 
+def load_tokenizer(path: str | Path):
+    """The tokenizer of a Hugging Face directory (`transformers.AutoTokenizer`).
+
+    AutoTokenizer parses config.json to pick the tokenizer class, and fails on a model type
+    transformers cannot parse without remote code (MiniCPM4's `minicpm` with longrope), even
+    when tokenizer_config.json names the class. Then the tokenizer is loaded without the
+    model's config; if that fails too, the error names the directory and the first cause.
+    """
+    from transformers import AutoTokenizer, PreTrainedConfig
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as first:  # retried below without the model config
+        try:
+            return AutoTokenizer.from_pretrained(str(path), config=PreTrainedConfig())
+        except Exception:
+            raise CheckpointError(
+                f"cannot load a tokenizer from {path}: {type(first).__name__}: {first} "
+                "(a directory needs tokenizer.json or the files of a Hugging Face tokenizer; "
+                "point `model.tokenizer` at another directory if it lives elsewhere)"
+            ) from first
+
+
 def checkpoint_files(path: str | Path) -> dict[Path, list[str] | None]:
     """Safetensors files of a directory -> the tensor names the index assigns them (None: all)."""
     path = Path(path)

@@ -2,7 +2,7 @@
 
     path = build_tiny_model_dir(tmp_path / "tiny", model_type="qwen3", num_hidden_layers=2)
     model = rlcpm.models.load_model(path)                  # or AutoModelForCausalLM (llama/qwen*)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    tokenizer = rlcpm.models.load_tokenizer(path)          # AutoTokenizer; minicpm too
 
 The directory holds config.json, model.safetensors, generation_config.json, tokenizer.json,
 tokenizer_config.json (with the ChatML chat template), chat_template.jinja and

@@ -175,12 +175,10 @@ class Engine:
         ``speculative``: ``{draft, num_draft_tokens, frspec_vocab}`` (a mapping or the recipe's
         ``rollout.speculative``) turns on speculative decoding (docs/speculative.md).
         """
-        from transformers import AutoTokenizer
-
-        from rlcpm.models import load_model
+        from rlcpm.models import load_model, load_tokenizer
 
         model = load_model(path, dtype=dtype, device=device, attention=attention, sparse_config=sparse_config)
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or path)
+        tokenizer = load_tokenizer(tokenizer_path or path)
         generation_config = Path(path) / "generation_config.json"
         if "eos_token_ids" not in engine_kwargs and generation_config.exists():
             eos = json.loads(generation_config.read_text()).get("eos_token_id")

@@ -220,10 +220,10 @@ def build_frequency_file(
     """
     keep = set(keep_token_ids)
     if isinstance(tokenizer, str | Path):
-        from transformers import AutoTokenizer
+        from rlcpm.models import load_tokenizer
 
         keep |= eos_token_ids_of(tokenizer)
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+        tokenizer = load_tokenizer(tokenizer)
     counts = count_tokens(dataset_texts(dataset, tuple(fields or DEFAULT_FIELDS)), tokenizer)
     ranking = rank_tokens(counts, tokenizer, top_k, keep, sources=[str(dataset)])
     ranking.save(output)

@@ -116,9 +116,9 @@ def train_offline(recipe: Recipe, resume: bool = False) -> TrainResult:
 
 
 def _load_tokenizer(recipe: Recipe, model_dir: Path):
-    from transformers import AutoTokenizer
+    from rlcpm.models import load_tokenizer
 
-    return AutoTokenizer.from_pretrained(str(recipe.model.tokenizer or model_dir))
+    return load_tokenizer(recipe.model.tokenizer or model_dir)
 
 
 def _load_items(recipe: Recipe, tokenizer) -> list:

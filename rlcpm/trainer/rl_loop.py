@@ -82,10 +82,10 @@ class GRPOTrainer:
     # ------------------------------------------------------------------------------ setup
 
     def _setup_data(self) -> None:
-        from transformers import AutoTokenizer
+        from rlcpm.models import load_tokenizer
 
         recipe = self.recipe
-        self.tokenizer = AutoTokenizer.from_pretrained(str(recipe.model.tokenizer or self.model_dir))
+        self.tokenizer = load_tokenizer(recipe.model.tokenizer or self.model_dir)
         kwargs = dict(seed=recipe.seed, algorithm="grpo", chat_template=recipe.model.chat_template)
         self.train_examples = load_examples(recipe.data, "train", self.tokenizer, **kwargs).examples
         self.eval_examples = (

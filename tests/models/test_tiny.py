@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlcpm.models import build_tiny_model_dir, load_model
+from rlcpm.errors import CheckpointError
+from rlcpm.models import build_tiny_model_dir, load_model, load_tokenizer
 from rlcpm.models.tiny import train_bpe_tokenizer
 from rlcpm.models.tiny_tokenizer import builtin_corpus
 
@@ -54,6 +55,24 @@ def test_tiny_minicpm_dir_with_extra_vocab(tokenizer, tmp_path):
     assert config["model_type"] == "minicpm" and config["rope_scaling"]["rope_type"] == "longrope"
     model = load_model(path)
     assert model.config.vocab_size == len(tokenizer) + 8 and model.config.scale_emb == 12.0
+
+
+def test_load_tokenizer_of_a_config_transformers_cannot_parse(tokenizer, tmp_path):
+    # MiniCPM4's config (model_type minicpm, longrope) needs remote code in transformers, and
+    # AutoTokenizer parses it before reading tokenizer_config.json; load_tokenizer does not need it.
+    path = build_tiny_model_dir(tmp_path, "minicpm", tokenizer=tokenizer)
+    loaded = load_tokenizer(path)
+    text = "12 + 7 = 19"
+    assert loaded(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert (loaded.eos_token, loaded.pad_token, loaded.chat_template) == (
+        tokenizer.eos_token, tokenizer.pad_token, tokenizer.chat_template,
+    )  # fmt: skip
+
+
+def test_load_tokenizer_names_the_directory_when_there_is_none(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(CheckpointError, match=str(tmp_path)):
+        load_tokenizer(tmp_path)
 
 
 def test_chat_template_is_chatml(tokenizer, tmp_path):

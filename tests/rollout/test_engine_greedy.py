@@ -65,3 +65,22 @@ def test_eos_stops_a_request_and_is_included(make_engine, hf_greedy, prompts):
     # EOS from generation_config.json stops too unless ignore_eos
     eos = sorted(engine.eos_token_ids)[0]
     assert eos in engine.eos_token_ids and len(engine.eos_token_ids) == 2
+
+
+def test_a_minicpm_directory_loads_and_decodes_like_its_own_forward(tmp_path, prompts):
+    """MiniCPM (no transformers class without remote code): Engine.from_pretrained loads the
+    directory, tokenizer included, and greedy tokens are the argmax of rlcpm's full forward."""
+    import torch
+
+    from rlcpm.models import build_tiny_model_dir, load_model
+    from rlcpm.rollout import Engine
+
+    path = build_tiny_model_dir(tmp_path / "minicpm", "minicpm", seed=4, init_std=0.1)
+    engine = Engine.from_pretrained(path, dtype="float32")
+    model = load_model(path, dtype="float32").eval()
+    batch = prompts(n=3, seed=5)
+    for prompt, out in zip(batch, engine.generate(batch, GREEDY)):
+        ids = torch.tensor([prompt + out.token_ids])
+        with torch.no_grad():
+            argmax = model(ids).argmax(-1)[0, len(prompt) - 1 : -1]
+        assert out.token_ids == argmax.tolist()
