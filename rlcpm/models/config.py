@@ -25,7 +25,7 @@ import torch
 from rlcpm.errors import CheckpointError, UnsupportedModelError
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "minicpm")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 
 _ARCHITECTURES = {
     "llama": "LlamaForCausalLM",

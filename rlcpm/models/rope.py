@@ -11,6 +11,11 @@ Scalings change the frequencies f (and, for longrope, the amplitude of cos/sin):
 - llama3:  wavelengths 2*pi/f_i longer than original_max / low_freq_factor are divided by
   `factor`, shorter than original_max / high_freq_factor kept, and in between interpolated
   with s = (original_max / wavelen - low) / (high - low): f' = (1 - s) f / factor + s f.
+- yarn (Qwen3's long-context setting; YaRN, arXiv 2309.00071): with r(d) = D ln(L / (2 pi d)) /
+  (2 ln theta) the pair index that turns d times over the original context L, pairs below
+  r(beta_fast) keep f_i, pairs above r(beta_slow) take f_i / factor, and a linear ramp blends the
+  two in between (bounds floored / ceiled unless `truncate: false`); cos/sin are multiplied by
+  `attention_factor`, default 0.1 ln(factor) + 1 (or the mscale / mscale_all_dim ratio).
 - longrope (MiniCPM4's modeling_minicpm.py, MiniCPMLongRoPE): f_i / ext_i with
   ext = long_factor if max_position_embeddings > original_max_position_embeddings else
   short_factor (MiniCPM picks one table for the whole cache, not per position), and cos/sin
@@ -46,6 +51,41 @@ def llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
     return torch.where(is_medium, interpolated, scaled)
 
 
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def yarn_frequencies(
+    inv_freq: torch.Tensor, head_dim: int, theta: float, scaling: dict, max_position_embeddings: int
+) -> tuple[torch.Tensor, float]:
+    """(inv_freq [D/2], cos/sin amplitude) of YaRN (module docstring)."""
+    original = float(scaling.get("original_max_position_embeddings") or max_position_embeddings)
+    factor = scaling.get("factor")
+    factor = float(factor) if factor is not None else max_position_embeddings / original
+    amplitude = scaling.get("attention_factor")
+    if amplitude is None:
+        mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        if mscale and mscale_all_dim:
+            amplitude = _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+        else:
+            amplitude = _yarn_mscale(factor)
+
+    def pair_turning(rotations: float) -> float:  # r(d) of the module docstring
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = (
+        pair_turning(float(scaling.get("beta_fast") or 32)),
+        pair_turning(float(scaling.get("beta_slow") or 1)),
+    )
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+    return inv_freq * (1 - ramp) + inv_freq / factor * ramp, float(amplitude)
+
+
 def rope_frequencies(
     head_dim: int, theta: float, scaling: dict | None, max_position_embeddings: int
 ) -> tuple[torch.Tensor, float, torch.Tensor | None]:
@@ -63,6 +103,8 @@ def rope_frequencies(
             return inv_freq / float(scaling["factor"]), 1.0, None
         if rope_type == "llama3":
             return llama3_inv_freq(inv_freq, scaling), 1.0, None
+        if rope_type == "yarn":
+            return (*yarn_frequencies(inv_freq, head_dim, theta, scaling, max_position_embeddings), None)
         if rope_type == "longrope":
             original = int(scaling["original_max_position_embeddings"])
             use_long = max_position_embeddings > original

@@ -16,6 +16,8 @@ LLAMA3 = {
     "original_max_position_embeddings": 16,
 }
 LINEAR = {"rope_type": "linear", "factor": 4.0}
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+YARN_MSCALE = {**YARN, "beta_fast": 8, "beta_slow": 2, "mscale": 0.8, "mscale_all_dim": 0.5, "truncate": False}
 
 # (model_type, num_key_value_heads (GQA ratio 4 / num_kv), tied, rope_scaling, extra config)
 CASES = [
@@ -26,6 +28,8 @@ CASES = [
     ("qwen2", 4, True, None, {"rope_theta": 1e6}),
     ("qwen3", 1, False, None, {}),
     ("qwen3", 2, True, None, {"head_dim": 32}),
+    ("qwen3", 2, False, YARN, {"head_dim": 32}),
+    ("qwen2", 2, False, YARN_MSCALE, {}),
 ]
 
 
@@ -63,7 +67,7 @@ def _safetensor_names(path):
         return list(f.keys())
 
 
-@pytest.mark.parametrize("rope", [LLAMA3, LINEAR], ids=["llama3", "linear"])
+@pytest.mark.parametrize("rope", [LLAMA3, LINEAR, YARN], ids=["llama3", "linear", "yarn"])
 def test_rope_scaling_changes_the_logits(rope, make_model, random_ids):
     """Guards the parity test: the scaling is really applied (by both implementations)."""
     ids = random_ids(1, 40)
