@@ -68,7 +68,7 @@ def test_to_hf_roundtrip_keeps_unknown_keys():
             UnsupportedModelError,
             r"config\.json: model_type 'mamba' is not supported; supported: llama",
         ),
-        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, UnsupportedModelError, r"'yarn'"),
+        ({"rope_scaling": {"rope_type": "dynamic", "factor": 4.0}}, UnsupportedModelError, r"'dynamic'"),
         ({"use_sliding_window": True}, UnsupportedModelError, "use_sliding_window"),
         ({"hidden_act": "gelu"}, UnsupportedModelError, "gelu"),
         ({"num_key_value_heads": 3, "num_attention_heads": 4}, CheckpointError, "multiple of"),
