@@ -24,6 +24,7 @@ from rlcpm.errors import TrainingError
 from rlcpm.learner.checkpoint import checkpoint_path, latest_checkpoint, prune_checkpoints
 from rlcpm.learner.model_source import resolve_model_dir
 from rlcpm.learner.offline_data import step_indices, tokenize_demonstrations, tokenize_preferences
+from rlcpm.models import load_tokenizer
 from rlcpm.monitor import Monitor, setup_logging
 from rlcpm.trainer import TrainResult
 
@@ -45,7 +46,7 @@ def train_offline(recipe: Recipe, resume: bool = False) -> TrainResult:
     setup_logging(recipe.logging.level)
     run_dir = Path(recipe.run_dir or f"runs/{algo.name}")
     model_dir = resolve_model_dir(recipe.model, run_dir)
-    tokenizer = _load_tokenizer(recipe, model_dir)
+    tokenizer = load_tokenizer(recipe.model.tokenizer or model_dir)
     items = _load_items(recipe, tokenizer)
     batch_size = algo.samples_per_step if isinstance(algo, SFTConfig) else algo.pairs_per_step
     batch_size = min(batch_size, len(items))
@@ -113,12 +114,6 @@ def train_offline(recipe: Recipe, resume: bool = False) -> TrainResult:
 
 
 # ----------------------------------------------------------------------------------- setup
-
-
-def _load_tokenizer(recipe: Recipe, model_dir: Path):
-    from rlcpm.models import load_tokenizer
-
-    return load_tokenizer(recipe.model.tokenizer or model_dir)
 
 
 def _load_items(recipe: Recipe, tokenizer) -> list:
