@@ -22,6 +22,7 @@ import ray
 import torch
 
 from rlcpm.config import Recipe
+from rlcpm.cpu_memory import retain_freed_memory
 from rlcpm.errors import TrainingError
 from rlcpm.learner.weights import DEFAULT_BUCKET_BYTES, NamedTensors
 
@@ -48,6 +49,8 @@ class LearnerRank:
         self.learner = Learner(
             self.recipe, model_dir=self.model_dir, rank=self.rank, world_size=self.world_size
         )
+        if self.recipe.cluster.retain_cpu_memory and self.learner.device.type == "cpu":
+            retain_freed_memory()
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return getattr(self.learner, method)(*args, **kwargs)

@@ -1,0 +1,43 @@
+"""Keep freed memory inside a CPU worker process for reuse, as a GPU caching allocator does.
+
+glibc serves an allocation above its mmap threshold (at most 32 MB) with a fresh mmap and hands
+it back to the OS on free, so every training step's activations (a [tokens, intermediate]
+float32 tensor passes 32 MB at ~6k tokens of a 512-wide model) are page-faulted in and zeroed
+again by the kernel, and a step that crosses the threshold is 15-30% slower than its token
+count says (CPU learner, development VM). `retain_freed_memory()` turns that off for the rest
+of the process: every allocation comes from the heap (M_MMAP_MAX = 0) and the heap is never
+trimmed (M_TRIM_THRESHOLD = INT_MAX), so a step reuses the pages of the one before. The
+resident size stays at its peak, as GPU memory does under PyTorch's caching allocator.
+
+rlcpm calls it in the processes it owns on a CPU run (learner ranks, rollout workers), unless
+the recipe sets `cluster.retain_cpu_memory: false`; never in a user's own process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+
+log = logging.getLogger("rlcpm")
+
+_M_TRIM_THRESHOLD = -1  # mallopt parameters, <malloc.h>
+_M_MMAP_MAX = -4
+_INT_MAX = 2**31 - 1
+
+
+def retain_freed_memory() -> bool:
+    """Stop this process's allocator from returning freed memory to the OS (glibc only).
+
+    Returns True when both settings took effect, False elsewhere (musl, macOS, Windows)."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    applied = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, _INT_MAX) == 1
+    if not applied:
+        log.warning("mallopt refused the settings: freed CPU memory is returned to the OS as usual")
+    return applied
