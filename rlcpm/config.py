@@ -392,6 +392,12 @@ class ClusterConfig(Section):
     gpus_per_rollout_worker: float = Field(0.0, ge=0)
     gpus_per_learner: float = Field(0.0, ge=0)
     reward_workers: int = Field(2, gt=0)
+    learner_threads: int | None = Field(
+        None, gt=0, description="torch threads of each learner rank (null: OMP_NUM_THREADS, 1 under rlcpm's own Ray)"
+    )
+    rollout_threads: int | None = Field(
+        None, gt=0, description="torch threads of each rollout worker (null: OMP_NUM_THREADS, 1 under rlcpm's own Ray)"
+    )
     retain_cpu_memory: bool = Field(
         True,
         description="CPU learner ranks and rollout workers keep freed memory for reuse instead of returning "

@@ -77,6 +77,7 @@ class RolloutWorker:
             "device": str(self.engine.device),
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "threads": torch.get_num_threads(),
         }
 
     def generate(

@@ -46,8 +46,12 @@ class RolloutPool:
 
         self.recipe = recipe
         self.model_dir = str(model_dir)
+        threads = recipe.cluster.rollout_threads
         self._actor_class = ray.remote(RolloutWorker).options(
-            num_cpus=1, num_gpus=recipe.cluster.gpus_per_rollout_worker, max_restarts=0
+            num_cpus=1,
+            num_gpus=recipe.cluster.gpus_per_rollout_worker,
+            max_restarts=0,
+            runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}} if threads else None,
         )
         self.version = 0
         self._weights_ref = None  # the last weights pushed, for replacement workers
