@@ -7,11 +7,14 @@ completions of up to `max_new_tokens` per step, EOS as the only stop, no KL, one
 update per step. TRL generates with transformers `generate`; rlcpm with its engine on a Ray
 rollout worker and a Ray learner, either synchronously (phases one after the other, each with
 all threads) or with `rollout.max_staleness: 1` (rlcpm-overlap: step k+1's rollout runs
-while step k trains, one core each; the importance ratio uses the recorded behaviour
-log-probs, so the update stays correct one version behind).
-Each system runs in its own process; the first `--warmup` steps are left out of the mean.
+while step k trains, the rollout worker on one thread and the learner on all of them, its
+idle threads waiting passively; the importance ratio uses the recorded behaviour log-probs,
+so the update stays correct one version behind).
+Each system runs in its own process, `--rounds` times in the order trl, rlcpm, rlcpm-overlap,
+then reversed (the VM's speed drifts over minutes; alternating spreads that over every
+system); the first `--warmup` steps of each process are left out of the pooled mean.
 
-    python -m benchmarks.vs_trl [--steps 4] [--max-new-tokens 256] [--dtype bfloat16]
+    python -m benchmarks.vs_trl [--steps 4] [--rounds 2] [--max-new-tokens 256] [--dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -83,14 +86,14 @@ def run_trl(model_dir: str, args) -> list[float]:
 
 def run_rlcpm(model_dir: str, args, overlap: bool = False) -> list[float]:
     """overlap: rollout.max_staleness 1 (step k+1's rollout runs while step k trains), the
-    rollout worker and the learner on one core each instead of taking turns on both."""
+    rollout worker on one thread beside the learner on all of them, instead of taking turns."""
     import ray
 
     from rlcpm.config import load_recipe
     from rlcpm.trainer import train
 
-    threads = 1 if overlap else args.threads
-    env = {"OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+    env = {"OMP_NUM_THREADS": str(1 if overlap else args.threads), "TOKENIZERS_PARALLELISM": "false"}
+    threads = {"learner_threads": args.threads, "rollout_threads": 1} if overlap else {}
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
     recipe = load_recipe(
         data={
@@ -107,7 +110,7 @@ def run_rlcpm(model_dir: str, args, overlap: bool = False) -> list[float]:
                         "precision": "bf16-mixed" if args.dtype == "bfloat16" else "float32",
                         "checkpoint": {"every_steps": 10_000, "save_final": False}},
             "logging": {"wandb": {"mode": "disabled"}, "progress": False, "samples_every": 0},
-            "cluster": {"num_cpus": 2, "reward_workers": 1},
+            "cluster": {"num_cpus": 2, "reward_workers": 1, **threads},
         }
     )  # fmt: skip
     history = train(recipe).history
@@ -123,10 +126,30 @@ def child(system: str, model_dir: str, args) -> None:
     print("RESULT " + json.dumps(times))
 
 
+SYSTEMS = ("trl", "rlcpm", "rlcpm-overlap")
+
+
+def run_child(system: str, model_dir: Path, tmp: str, args) -> list[float]:
+    """One process of `system` (in a fresh directory under tmp): its step times."""
+    workdir = tempfile.mkdtemp(dir=tmp)
+    cmd = [sys.executable, "-m", "benchmarks.vs_trl", "--child", system, str(model_dir), "--tmp", workdir,
+           *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+             if k not in ("child", "tmp") and v is not None]]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "WANDB_MODE": "disabled"}
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if out.returncode != 0 or not lines:
+        raise SystemExit(f"{system} failed:\n{out.stderr[-4000:]}")
+    times = json.loads(lines[-1][len("RESULT ") :])
+    print(f"{system}: " + " ".join(f"{t:.1f}" for t in times) + " s", flush=True)
+    return times
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=1, help="first steps of each process left out")
+    parser.add_argument("--rounds", type=int, default=2, help="processes per system, in ABC CBA order")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=256)
@@ -146,21 +169,18 @@ def main(argv: list[str] | None = None) -> dict:
         from rlcpm.models import load_model
 
         num_params = sum(p.numel() for p in load_model(model_dir).parameters())
-        results = {}
-        for system in ("trl", "rlcpm", "rlcpm-overlap"):
-            cmd = [sys.executable, "-m", "benchmarks.vs_trl", "--child", system, str(model_dir), "--tmp", tmp,
-                   *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                     if k not in ("child", "tmp") and v is not None]]  # fmt: skip
-            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "WANDB_MODE": "disabled"}
-            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-            if out.returncode != 0 or not lines:
-                raise SystemExit(f"{system} failed:\n{out.stderr[-4000:]}")
-            times = json.loads(lines[-1][len("RESULT ") :])
-            results[system] = {
+        runs: dict[str, list[list[float]]] = {system: [] for system in SYSTEMS}
+        for round_index in range(args.rounds):  # ABC CBA ...: a drift of the VM's speed hits every system alike
+            order = SYSTEMS if round_index % 2 == 0 else SYSTEMS[::-1]
+            for system in order:
+                runs[system].append(run_child(system, model_dir, tmp, args))
+        results = {
+            system: {
                 "step_times_s": times,
-                "mean_step_time_s": statistics.fmean(times[args.warmup :]),
+                "mean_step_time_s": statistics.fmean(t for run in times for t in run[args.warmup :]),
             }
+            for system, times in runs.items()
+        }
     ratio = results["trl"]["mean_step_time_s"] / results["rlcpm"]["mean_step_time_s"]
     ratio_overlap = results["trl"]["mean_step_time_s"] / results["rlcpm-overlap"]["mean_step_time_s"]
     print(f"model: {num_params / 1e6:.1f}M params; {args.prompts} prompts x {args.samples} samples, "
@@ -172,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "vs_trl",
         "setup": {"params_m": round(num_params / 1e6, 2), "prompts": args.prompts, "samples": args.samples,
-                  "max_new_tokens": args.max_new_tokens, "steps": args.steps, "warmup_excluded": args.warmup,
+                  "max_new_tokens": args.max_new_tokens, "steps": args.steps, "warmup_excluded": args.warmup, "rounds": args.rounds,
                   "threads": args.threads, "dtype": args.dtype, "stop": "EOS only"},
         "results": results,
         "speedup_rlcpm_over_trl": ratio,
