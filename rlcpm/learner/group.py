@@ -32,7 +32,7 @@ def learner_env(num_threads: int | None) -> dict[str, str]:
 
     OpenMP threads that wait passively: a rank's GEMMs hardly ever wait at a barrier, but its
     spinning threads would take the cores from a rollout worker sampling beside it (one-step
-    overlap on a CPU machine: 16.4 -> 14.5 s per step in benchmarks/vs_trl's setting)."""
+    overlap on a CPU machine: 16.4 -> 14.5 s per step in an A/B of benchmarks/vs_trl's setting)."""
     env = {"OMP_WAIT_POLICY": "PASSIVE"}
     if num_threads is not None:
         env["OMP_NUM_THREADS"] = str(num_threads)
