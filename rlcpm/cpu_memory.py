@@ -6,8 +6,11 @@ float32 tensor passes 32 MB at ~6k tokens of a 512-wide model) are page-faulted 
 again by the kernel, and a step that crosses the threshold is 15-30% slower than its token
 count says (CPU learner, development VM). `retain_freed_memory()` turns that off for the rest
 of the process: every allocation comes from the heap (M_MMAP_MAX = 0) and the heap is never
-trimmed (M_TRIM_THRESHOLD = INT_MAX), so a step reuses the pages of the one before. The
-resident size stays at its peak, as GPU memory does under PyTorch's caching allocator.
+trimmed (M_TRIM_THRESHOLD = INT_MAX), so a step reuses the pages of the ones before. The heap
+grows over the first few steps (a freed block next to a small live one can be a little short
+for the next aligned request) and then serves every step from pages it holds: 0 page faults
+per learner step from the third on, against 0.06-0.6M without. The resident size stays at its
+peak, as GPU memory does under PyTorch's caching allocator.
 
 rlcpm calls it in the processes it owns on a CPU run (learner ranks, rollout workers), unless
 the recipe sets `cluster.retain_cpu_memory: false`; never in a user's own process.
