@@ -16,8 +16,9 @@ long response with probability 1 - 0.94^G (39% for G = 8): every synchronous ste
 with the batch down to a few sequences for most of its decoding steps. Same engine, same
 learner, same number of finished groups per step (dynamic sampling off; the math reward is 0
 for these responses, so advantages are 0 and the weights never change); `chunk_tokens` in
-{None, max/2, max/4, max/8}. Reports mean step and sampling time over the steady-state steps
-and their ratios to synchronous, side by side in one run. Chunking pays for its speed-up with
+{None, max/2, max/4, max/8}, each run `--rounds` times in the order none, max/2, max/4, max/8,
+then reversed (the VM's speed drifts over minutes). Reports mean step and sampling time over
+the steady-state steps of every run and their ratios to synchronous, side by side in one run. Chunking pays for its speed-up with
 re-prefill: a trajectory carried over a weight update recomputes its KV under the new weights,
 which on a CPU costs a good fraction of decoding the same tokens (on a GPU, far less).
 
@@ -134,10 +135,18 @@ def run_mode(model_dir: Path, run_dir: Path, chunk_tokens: int | None, args) -> 
     }
 
 
+def _pooled(rounds: list[dict]) -> dict:
+    """One mode's rows of every round -> their means, with the sampling time of each round."""
+    row = {key: statistics.fmean(r[key] for r in rounds) for key in rounds[0] if key != "chunk_tokens"}
+    return {"chunk_tokens": rounds[0]["chunk_tokens"], **row,
+            "sampling_time_s_per_round": [r["sampling_time_s"] for r in rounds]}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2, help="steps left out of the means")
+    parser.add_argument("--rounds", type=int, default=2, help="runs per mode, in ABCD DCBA order")
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--groups", type=int, default=16)
     parser.add_argument("--samples", type=int, default=8)
@@ -150,13 +159,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})  # fmt: skip
-    rows = []
+    m = args.max_new_tokens
+    chunks = (None, m // 2, m // 4, m // 8)
+    runs: dict = {chunk: [] for chunk in chunks}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_model(Path(tmp))
-        m = args.max_new_tokens
-        for chunk in (None, m // 2, m // 4, m // 8):
-            rows.append(run_mode(model_dir, Path(tmp) / f"run-{chunk}", chunk, args))
+        for round_index in range(args.rounds):  # ABCD DCBA ...: a drift of the VM's speed hits every mode alike
+            for chunk in chunks if round_index % 2 == 0 else chunks[::-1]:
+                runs[chunk].append(run_mode(model_dir, Path(tmp) / f"run-{chunk}-{round_index}", chunk, args))
     ray.shutdown()
+    rows = [_pooled(runs[chunk]) for chunk in chunks]
     sync = rows[0]
     for row in rows:
         row["sampling_speedup"] = sync["sampling_time_s"] / row["sampling_time_s"]
@@ -178,6 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
             "max_new_tokens": args.max_new_tokens,
             "steps": args.steps,
             "warmup_steps_excluded": args.warmup,
+            "rounds": args.rounds,
             "rollout_dtype": args.dtype,
         },
         "rows": rows,
