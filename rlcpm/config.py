@@ -400,8 +400,8 @@ class ClusterConfig(Section):
     )
     retain_cpu_memory: bool = Field(
         True,
-        description="CPU learner ranks and rollout workers keep freed memory for reuse instead of returning "
-        "it to the OS (rlcpm.cpu_memory): no page faults on every step's activations; resident size stays at its peak",
+        description="CPU learner ranks keep freed memory for reuse instead of returning it to the OS "
+        "(rlcpm.cpu_memory): no page faults on every step's activations; resident size stays at its peak",
     )
 
 

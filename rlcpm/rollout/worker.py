@@ -19,7 +19,6 @@ from typing import Any
 
 import torch
 
-from rlcpm.cpu_memory import retain_freed_memory
 from rlcpm.errors import WeightSyncError
 from rlcpm.rollout.engine import Engine
 from rlcpm.rollout.sampling import SamplingParams
@@ -40,11 +39,8 @@ class RolloutWorker:
         kv_budget_gb: float | None = None,
         attention: str = "dense",
         seed: int = 0,
-        retain_cpu_memory: bool = False,
         **engine_kwargs: Any,
     ):
-        """retain_cpu_memory: on a CPU engine, keep freed memory in this process for reuse
-        (rlcpm.cpu_memory; for a worker process of its own, e.g. a Ray actor)."""
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model_dir = model_dir
@@ -59,8 +55,6 @@ class RolloutWorker:
             seed=seed,
             **engine_kwargs,
         )
-        if retain_cpu_memory and self.engine.device.type == "cpu":
-            retain_freed_memory()
 
     def health(self) -> dict[str, Any]:
         """Cheap liveness probe: one forward of one token, plus where the worker runs."""

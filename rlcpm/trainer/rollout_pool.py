@@ -84,7 +84,6 @@ class RolloutPool:
             attention=self.recipe.model.attention,
             sparse_config=self.recipe.model.sparse_config_override(),
             seed=self.recipe.seed,
-            retain_cpu_memory=self.recipe.cluster.retain_cpu_memory,
             speculative=rollout.speculative.model_dump() if rollout.speculative is not None else None,
         )
 
