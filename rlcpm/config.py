@@ -350,6 +350,11 @@ class LearnerConfig(Section):
         1024, gt=0, description="tokens per chunk of the memory-lean log-softmax"
     )
     precision: Literal["auto", "float32", "bf16-mixed"] = "auto"
+    cpu_gemm: Literal["onednn", "default"] = Field(
+        "onednn",
+        description="float32 linear layers of a CPU learner: oneDNN (rlcpm.kernels.cpu_gemm; 2-3x "
+        "faster than PyTorch's default MKL GEMM on AMD CPUs) or PyTorch's default",
+    )
     data_parallel: int = Field(1, gt=0, description="learner ranks (torch.distributed, FSDP2 when > 1)")
     lora: LoraConfig | None = None
     qat: QATConfig | None = None

@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from rlcpm.config import DPOConfig, GRPOConfig, Recipe
 from rlcpm.errors import TrainingError
+from rlcpm.kernels.cpu_gemm import use_onednn_linears
 from rlcpm.learner import checkpoint as ckpt
 from rlcpm.learner.batch import PreferencePair, RLBatch, SFTSequence
 from rlcpm.learner.distributed import all_gather_objects, all_reduce_max, is_distributed, shard_model
@@ -79,6 +80,8 @@ class Learner:
         )
         if recipe.model.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
+        if self.device.type == "cpu" and self.config.cpu_gemm == "onednn":
+            use_onednn_linears(self.policy)  # before QAT and LoRA, which wrap or replace linears
         if self.qat is not None:  # BitCPM ternary QAT (rlcpm.quant): decoder linears -> BitLinear
             if lora is not None:
                 raise TrainingError("learner.qat and learner.lora cannot be combined; unset one of them")

@@ -12,11 +12,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rlcpm.kernels.cpu_gemm import OneDNNLinear, linear
 from rlcpm.quant.ternary import check_group_size, fake_quantize, ternary_ste
 
 
 class BitLinear(nn.Linear):
-    """y = x W_q^T + b, W_q = ternary group-wise fake quantization of the latent W [out, in]."""
+    """y = x W_q^T + b, W_q = ternary group-wise fake quantization of the latent W [out, in].
+
+    Made from a OneDNNLinear (the learner's CPU linears), it multiplies on oneDNN too."""
+
+    use_onednn: bool = False
 
     def __init__(
         self,
@@ -43,10 +48,12 @@ class BitLinear(nn.Linear):
         module.weight = linear.weight
         module.bias = linear.bias
         module.group_size = group_size
+        module.use_onednn = isinstance(linear, OneDNNLinear)
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, ternary_ste(self.weight, self.group_size), self.bias)
+        matmul = linear if self.use_onednn else F.linear
+        return matmul(x, ternary_ste(self.weight, self.group_size), self.bias)
 
     @torch.no_grad()
     def quantized_weight(self) -> torch.Tensor:

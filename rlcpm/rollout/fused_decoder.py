@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rlcpm.kernels.cpu_gemm import OneDNNLinear
 from rlcpm.models.dense_attention import DenseAttention
 from rlcpm.models.kv_cache import PagedKVCache
 from rlcpm.models.metadata import AttentionMetadata
@@ -59,7 +60,7 @@ class FusedLayer:
     layer_idx: int
 
 
-_PLAIN_LINEARS = (nn.Linear, PackedLinear)
+_PLAIN_LINEARS = (nn.Linear, PackedLinear, OneDNNLinear)  # plain x W^T + b, whatever the GEMM
 
 
 def _projections(model: nn.Module) -> list[nn.Module]:

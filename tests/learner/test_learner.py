@@ -60,6 +60,29 @@ def test_gradient_accumulation_invariance(make_recipe, make_rl_batch, agg):
         torch.testing.assert_close(many[name], one[name], rtol=1e-6, atol=1e-6 * one[name].abs().max().item())
 
 
+def test_onednn_linears_give_the_default_gemms_gradients(make_recipe, make_rl_batch):
+    """learner.cpu_gemm: onednn (the CPU default) == PyTorch's default GEMM, to float32 rounding."""
+    from rlcpm.kernels.cpu_gemm import OneDNNLinear, onednn_available
+
+    if not onednn_available():
+        pytest.skip("PyTorch built without oneDNN")
+    grads, losses = [], []
+    for gemm in ("default", "onednn"):
+        learner = Learner(make_recipe({"learner": {"cpu_gemm": gemm}, "algorithm": {"kl_coef": 0.05}}))
+        kinds = {type(m) for m in learner.policy.modules() if isinstance(m, torch.nn.Linear)}
+        assert kinds == ({OneDNNLinear} if gemm == "onednn" else {torch.nn.Linear})
+        captured = _capture_gradients(learner)
+        losses.append(learner.train_step(make_rl_batch(learner, num_groups=3, seed=2))["train/loss"])
+        grads.append(captured)
+    default, onednn = grads
+    assert default.keys() == onednn.keys() and len(default) > 0
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5, abs=1e-7)
+    for name in default:
+        torch.testing.assert_close(
+            onednn[name], default[name], rtol=1e-4, atol=1e-5 * default[name].abs().max().item()
+        )
+
+
 def test_shared_prompts_give_the_same_logprobs_and_gradients(make_recipe, make_rl_batch):
     """Packing a group's prompt once (learner.share_prompts) changes only the work done."""
     results = []

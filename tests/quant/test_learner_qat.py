@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from rlcpm.config import deep_merge, load_recipe
 from rlcpm.errors import TrainingError
+from rlcpm.kernels.cpu_gemm import OneDNNLinear
 from rlcpm.learner.batch import SFTSequence
 from rlcpm.learner.learner import Learner
 from rlcpm.models import load_model
@@ -50,7 +51,9 @@ def test_policy_is_quantized_and_named_weights_are_w_q(make_learner):
     learner = make_learner()
     layers = dict(learner.policy.named_modules())
     assert isinstance(layers["model.layers.0.self_attn.q_proj"], BitLinear)
-    assert type(layers["lm_head"]).__name__ == "Linear"
+    head = layers["lm_head"]  # full precision: a plain linear (oneDNN's on a CPU learner)
+    assert isinstance(head, torch.nn.Linear) and not isinstance(head, BitLinear)
+    assert layers["model.layers.0.self_attn.q_proj"].use_onednn == isinstance(head, OneDNNLinear)
     learner.sft_step(_sft_batch())  # latent weights move; W_q follows them
     latent = dict(learner.policy.named_parameters())
     for name, tensor in learner.named_weights():
