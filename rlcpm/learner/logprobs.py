@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from rlcpm.kernels.cpu_gemm import matmul_nt
 from rlcpm.rollout.sampling import sampling_log_distribution
 
 
@@ -32,12 +33,12 @@ class ChunkedTargetLogprobs(torch.autograd.Function):
     """autograd.Function: (hidden [N, H], weight [V, H], targets [N]) -> (logprobs [N], entropy [N])."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, temperature, top_k, top_p, chunk_tokens):
+    def forward(ctx, hidden, weight, targets, temperature, top_k, top_p, chunk_tokens, onednn):
         logprobs = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         entropy = torch.empty_like(logprobs)
         for start in range(0, hidden.shape[0], chunk_tokens):
             rows = slice(start, start + chunk_tokens)
-            log_dist = _log_distribution(hidden[rows], weight, temperature, top_k, top_p)  # [C, V]
+            log_dist = _log_distribution(hidden[rows], weight, temperature, top_k, top_p, onednn)  # [C, V]
             logprobs[rows] = log_dist.gather(1, targets[rows, None]).squeeze(1)
             entropy[rows] = _entropy(log_dist, _is_filtered(temperature, top_k, top_p, weight.shape[0]))
             del log_dist
@@ -45,6 +46,7 @@ class ChunkedTargetLogprobs(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, targets, entropy)
         ctx.sampling = (temperature, top_k, top_p)
         ctx.chunk_tokens = chunk_tokens
+        ctx.onednn = onednn
         return logprobs, entropy
 
     @staticmethod
@@ -57,7 +59,7 @@ class ChunkedTargetLogprobs(torch.autograd.Function):
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for start in range(0, hidden.shape[0], ctx.chunk_tokens):
             rows = slice(start, start + ctx.chunk_tokens)
-            log_dist = _log_distribution(hidden[rows], weight, temperature, top_k, top_p)  # [C, V]
+            log_dist = _log_distribution(hidden[rows], weight, temperature, top_k, top_p, ctx.onednn)
             grad_z = _grad_logits(
                 log_dist, targets[rows], entropy[rows], grad_logprobs, grad_entropy, rows, is_filtered
             )
@@ -66,11 +68,11 @@ class ChunkedTargetLogprobs(torch.autograd.Function):
                 grad_z.mul_(scale)
             grad_z = grad_z.to(weight.dtype)  # d / d(h W^T)  [C, V]
             if grad_hidden is not None:
-                grad_hidden[rows] = grad_z @ weight
+                grad_hidden[rows] = matmul_nt(grad_z, weight.t(), ctx.onednn)  # grad_z @ W
             grad_weight.addmm_(grad_z.t().float(), hidden[rows].float())
             del grad_z
         grad_weight = grad_weight.to(weight.dtype) if ctx.needs_input_grad[1] else None
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 def _grad_logits(log_dist, targets, entropy, grad_logprobs, grad_entropy, rows, is_filtered) -> torch.Tensor:
@@ -97,11 +99,11 @@ def _grad_logits(log_dist, targets, entropy, grad_logprobs, grad_entropy, rows, 
     return grad_z
 
 
-def _log_distribution(hidden, weight, temperature, top_k, top_p) -> torch.Tensor:
+def _log_distribution(hidden, weight, temperature, top_k, top_p, onednn) -> torch.Tensor:
     # Logits in the hidden states' dtype (bf16 under mixed precision, like the engine's LM head),
     # autocast off so that the backward's recomputation is the very same function.
     with torch.autocast(hidden.device.type, enabled=False):
-        logits = hidden @ weight.to(hidden.dtype).t()  # [C, V]
+        logits = matmul_nt(hidden, weight.to(hidden.dtype), onednn)  # [C, V]
     return sampling_log_distribution(logits, temperature, top_k, top_p)
 
 
@@ -127,6 +129,7 @@ def target_logprobs(
     top_k: int = -1,
     top_p: float = 1.0,
     chunk_tokens: int = 1024,
+    onednn: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs and entropies of `targets` under the sampling distribution, chunked over tokens.
 
@@ -136,6 +139,8 @@ def target_logprobs(
         targets: [N] int64 token ids (the next token of each position).
         temperature, top_k, top_p: exactly as the engine sampled (rlcpm.rollout.sampling).
         chunk_tokens: rows of logits alive at once.
+        onednn: logits and the hidden-state gradient through oneDNN on a float32 CPU
+            (rlcpm.kernels.cpu_gemm.matmul_nt; the learner's `cpu_gemm: onednn`).
 
     Returns:
         (logprobs [N], entropy [N]) in float32, differentiable w.r.t. hidden and weight.
@@ -148,6 +153,7 @@ def target_logprobs(
         int(top_k),
         float(top_p),
         int(chunk_tokens),
+        bool(onednn),
     )
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from rlcpm.kernels.cpu_gemm import OneDNNLinear
 from rlcpm.learner.logprobs import target_logprobs
 from rlcpm.learner.packing import PackedMicroBatch
 from rlcpm.models.metadata import AttentionMetadata
@@ -52,4 +53,5 @@ class PolicyWithLogprobHead(nn.Module):
             top_k=sampling.top_k,
             top_p=sampling.top_p,
             chunk_tokens=self.chunk_tokens,
+            onednn=isinstance(self.policy.lm_head, OneDNNLinear),  # the learner's cpu_gemm choice
         )

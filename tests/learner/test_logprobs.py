@@ -19,8 +19,9 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("onednn", [False, True])
 @pytest.mark.parametrize("temperature, top_k, top_p", CASES)
-def test_chunked_equals_naive(temperature, top_k, top_p):
+def test_chunked_equals_naive(temperature, top_k, top_p, onednn):
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(45, 16, generator=gen, requires_grad=True)
     weight = (torch.randn(97, 16, generator=gen) * 0.5).requires_grad_(True)
@@ -28,8 +29,9 @@ def test_chunked_equals_naive(temperature, top_k, top_p):
     with torch.no_grad():  # make sure some targets are inside every filter: use the argmax for half of them
         targets[::2] = (hidden[::2] @ weight.t()).argmax(-1)
     lp, ent = target_logprobs(
-        hidden, weight, targets, temperature=temperature, top_k=top_k, top_p=top_p, chunk_tokens=7
-    )
+        hidden, weight, targets, temperature=temperature, top_k=top_k, top_p=top_p, chunk_tokens=7,
+        onednn=onednn,
+    )  # fmt: skip
     ref_lp, ref_ent = naive_target_logprobs(
         hidden, weight, targets, temperature=temperature, top_k=top_k, top_p=top_p
     )
