@@ -22,14 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rlcpm.kernels.cpu_gemm import onednn_available
+
 
 def is_packing_available() -> bool:
-    ops = torch.ops.mkldnn
-    return (
-        torch.backends.mkldnn.is_available()
-        and hasattr(ops, "_reorder_linear_weight")
-        and hasattr(ops, "_linear_pointwise")
-    )
+    """oneDNN's linear (rlcpm.kernels.cpu_gemm) plus its weight prepacking."""
+    return onednn_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
 # Row counts at which `packed_gemm_min_rows` compares the two GEMMs, and its answer when the
