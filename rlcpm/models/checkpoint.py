@@ -37,11 +37,17 @@ def resolve_dtype(dtype: torch.dtype | str | None, default: torch.dtype) -> torc
     return _DTYPE_NAMES[dtype]
 
 
+_LOCAL_ONLY = (
+    " (rlcpm loads local directories only: a checkpoint you downloaded, or the quickstart's"
+    " starting model, which `rlcpm quickstart` builds)"
+)
+
+
 def read_config(path: str | Path) -> ModelConfig:
     """Parse `path/config.json` into a ModelConfig (errors name the file)."""
     config_path = Path(path) / CONFIG_NAME
     if not Path(path).is_dir():
-        raise CheckpointError(f"model directory not found: {path}")
+        raise CheckpointError(f"model directory not found: {path}{_LOCAL_ONLY}")
     if not config_path.is_file():
         raise CheckpointError(f"{config_path}: missing; a model directory needs config.json + *.safetensors")
     try:
@@ -63,6 +69,8 @@ def load_tokenizer(path: str | Path):
     """
     from transformers import AutoTokenizer, PreTrainedConfig
 
+    if not Path(path).is_dir():  # else transformers reads the path as a hub repo id
+        raise CheckpointError(f"tokenizer directory not found: {path}{_LOCAL_ONLY}")
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as first:  # retried below without the model config

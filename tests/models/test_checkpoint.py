@@ -161,3 +161,10 @@ def test_no_weights_at_all(saved):
 def test_missing_directory(tmp_path):
     with pytest.raises(CheckpointError, match="model directory not found"):
         load_model(tmp_path / "nope")
+
+
+def test_missing_tokenizer_directory_is_named_not_read_as_a_hub_id(tmp_path):
+    from rlcpm.models.checkpoint import load_tokenizer
+
+    with pytest.raises(CheckpointError, match=r"tokenizer directory not found: .*nope \(rlcpm loads local"):
+        load_tokenizer(tmp_path / "nope")
