@@ -106,6 +106,11 @@ class PagedKVCache:
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
         """Store new keys/values [T, Hkv, D] at their flat slots [T]; slots < 0 are skipped."""
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            raise EngineError(
+                "the paged KV cache is for inference: run forwards that use kv_cache under "
+                "torch.no_grad() or torch.inference_mode() (no gradient flows through cached keys)"
+            )
         k_flat, v_flat = self.flat(layer)
         keep = slot_mapping >= 0
         if not bool(keep.all()):

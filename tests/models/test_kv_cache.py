@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+from rlcpm.errors import EngineError
 from rlcpm.models import AttentionMetadata, PagedKVCache
 
 SEQ_LENS = [13, 5, 22]
@@ -148,3 +149,14 @@ def test_copy_blocks_rejects_bad_ids():
     cache = PagedKVCache(num_layers=1, num_blocks=2, block_size=2, num_kv_heads=1, head_dim=2)
     with pytest.raises(EngineError, match=r"\[5\]"):
         cache.copy_blocks([0], [5])
+
+
+def test_writing_tensors_that_carry_gradients_is_refused_with_the_fix_named(make_model, random_ids):
+    model = make_model("llama")
+    ids = random_ids(6)
+    cache = model.new_kv_cache(num_blocks=2, block_size=4)
+    meta = AttentionMetadata.paged([6], [6], [[0, 1]], 4)
+    with pytest.raises(EngineError, match=r"torch.no_grad\(\) or torch.inference_mode\(\)"):
+        model(ids, torch.arange(6), meta=meta, kv_cache=cache)
+    with torch.no_grad():
+        assert model(ids, torch.arange(6), meta=meta, kv_cache=cache).shape == (6, model.config.vocab_size)
