@@ -44,7 +44,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in run_dir")
     p.set_defaults(handler=_train)
 
-    p = sub.add_parser("sft", help="supervised fine-tuning of a recipe (algorithm forced to sft)")
+    p = sub.add_parser("sft", help="supervised fine-tuning on a recipe's data and model (a grpo/dpo algorithm section is replaced by sft defaults)")
     _recipe_args(p)
     p.add_argument("--resume", action="store_true")
     p.set_defaults(handler=_sft)
@@ -101,12 +101,28 @@ def _train(args) -> int:
 
 
 def _sft(args) -> int:
-    from rlcpm.config import load_recipe
     from rlcpm.trainer import train
 
-    recipe = load_recipe(args.recipe, [*args.overrides, "algorithm.name=sft"])
-    train(recipe, resume=args.resume)
+    train(sft_recipe(args.recipe, args.overrides), resume=args.resume)
     return 0
+
+
+def sft_recipe(path: str, overrides: list[str]):
+    """The recipe at `path` run as SFT: an sft algorithm section is kept; a grpo or dpo one is
+    replaced by the sft defaults (its keys mean nothing to SFT). Overrides apply last."""
+    from rlcpm.config import load_recipe
+
+    try:  # what the file's own algorithm section is (algorithm.* overrides may be sft keys)
+        written = load_recipe(path, [o for o in overrides if not o.startswith("algorithm")])
+        name = written.algorithm.name
+    except RecipeError:
+        name = "sft"  # the load below reports the problems
+    if name == "sft":
+        return load_recipe(path, [*overrides, "algorithm.name=sft"])
+    print(f"rlcpm sft: {path} has a {name} algorithm section; SFT uses the sft defaults "
+          "(override them as algorithm.epochs=..., algorithm.samples_per_step=..., algorithm.max_seq_len=...)",
+          file=sys.stderr)  # fmt: skip
+    return load_recipe(path, ["algorithm={name: sft}", *overrides])
 
 
 def _quickstart(args) -> int:

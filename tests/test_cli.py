@@ -55,3 +55,16 @@ def test_console_script_version():
         [sys.executable, "-m", "rlcpm.cli", "--version"], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == f"rlcpm {__version__}"
+
+
+def test_sft_replaces_a_grpo_algorithm_section_and_keeps_an_sft_one(capsys):
+    from rlcpm.cli import sft_recipe
+
+    grpo = ROOT / "recipes" / "quickstart.yaml"
+    assert load_recipe(grpo).algorithm.name == "grpo"
+    recipe = sft_recipe(str(grpo), ["algorithm.epochs=2"])  # an sft key, applied after the swap
+    assert recipe.algorithm.name == "sft" and recipe.algorithm.epochs == 2
+    assert "grpo algorithm section" in capsys.readouterr().err
+    sft = ROOT / "recipes" / "quickstart_sft.yaml"
+    written = load_recipe(sft).algorithm
+    assert written.name == "sft" and sft_recipe(str(sft), []).algorithm == written
