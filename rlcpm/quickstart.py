@@ -38,6 +38,7 @@ def run_quickstart(
     if not path.is_file():
         raise RlcpmError(f"{path} not found: run from the repository root, or pass --recipe PATH")
     recipe = load_recipe(path, [f"run_dir={run_dir}", *overrides])
+    replace_previous_run(Path(recipe.run_dir))
     start = time.perf_counter()
     if recipe.model.path and not (Path(recipe.model.path) / CONFIG_NAME).is_file():
         build_starting_model(Path(recipe.model.path), path.parent / STARTING_MODEL_RECIPE.name)
@@ -55,12 +56,22 @@ def run_quickstart(
     return summary
 
 
+def replace_previous_run(run_dir: Path) -> None:
+    """The quickstart always starts fresh: an earlier rlcpm run in run_dir (it has the
+    recipe.yaml every run writes) is deleted first. Any other non-empty directory is left alone."""
+    if (run_dir / "recipe.yaml").is_file():
+        log.info("replacing the earlier run in %s", run_dir)
+        shutil.rmtree(run_dir)
+
+
 def build_starting_model(target: Path, sft_recipe: Path) -> Path:
     """SFT a tiny model with `sft_recipe` and install its final checkpoint at `target` (atomically)."""
     from rlcpm.trainer import train
 
     log.info("building the quickstart's starting model at %s (SFT, once)", target)
-    result = train(load_recipe(sft_recipe))
+    recipe = load_recipe(sft_recipe)
+    replace_previous_run(Path(recipe.run_dir))
+    result = train(recipe)
     if result.final_model_dir is None:
         raise RlcpmError(f"the SFT run of {sft_recipe} produced no final model")
     tmp = target.with_name(target.name + ".tmp")

@@ -20,7 +20,15 @@ class TrainResult:
 
 
 def train(recipe: Recipe, resume: bool = False) -> TrainResult:
-    """Run a recipe to the end; `resume=True` continues from the last checkpoint in run_dir."""
+    """Run a recipe to the end; `resume=True` continues from the last checkpoint in run_dir.
+
+    A fresh run refuses a run_dir that holds another run's checkpoints; missing model, tokenizer
+    or dataset paths and unknown rewards fail before Ray starts (rlcpm.trainer.preflight)."""
+    from rlcpm.monitor import setup_logging
+    from rlcpm.trainer.preflight import check_run
+
+    setup_logging(recipe.logging.level)
+    check_run(recipe, resume, default_run_dir=f"runs/{recipe.algorithm.name}")
     if recipe.algorithm.name == "grpo":
         from rlcpm.trainer.rl_loop import train_grpo
 

@@ -1,0 +1,74 @@
+"""Checks that fail a run in a second, before Ray, actors or models start.
+
+A recipe that validates can still name things that are not there: a model directory, a
+tokenizer, a dataset file, a reward. And a run directory may hold another run's checkpoints,
+which a fresh run would mix with its own. `check_run(recipe, resume)` raises on each of these
+with the fix named, instead of a traceback from a Ray actor half a minute in.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from rlcpm.config import Recipe
+from rlcpm.errors import DataError, TrainingError
+from rlcpm.learner.checkpoint import list_checkpoints
+
+log = logging.getLogger("rlcpm.trainer")
+
+
+def check_run(recipe: Recipe, resume: bool, default_run_dir: str) -> None:
+    """Everything below, in order; the first problem raises."""
+    check_run_dir(Path(recipe.run_dir or default_run_dir), resume, recipe.learner.total_steps)
+    check_model_source(recipe)
+    check_data_paths(recipe)
+    if recipe.rewards:
+        from rlcpm.rewards import resolve_terms
+
+        resolve_terms(recipe.rewards)  # unknown names and bad kwargs raise with a did-you-mean
+
+
+def check_run_dir(run_dir: Path, resume: bool, total_steps: int) -> None:
+    """A fresh run must not start in a directory holding an earlier run's checkpoints: its own
+    would be pruned in favour of the older, higher-numbered ones, and a later resume would
+    continue the old run."""
+    checkpoints = list_checkpoints(run_dir / "checkpoints")
+    if not resume:
+        if checkpoints:
+            step, path = checkpoints[-1]
+            raise TrainingError(
+                f"{run_dir} already holds checkpoints of an earlier run (latest: {path.name}); "
+                "continue it with --resume (resume=True), or choose another run_dir, or delete this one"
+            )
+        return
+    if not checkpoints:
+        log.warning("resume: no checkpoint under %s: starting a fresh run there", run_dir / "checkpoints")
+    elif checkpoints[-1][0] >= total_steps:
+        log.warning(
+            "resume: %s is at step %d, learner.total_steps is %d: nothing left to train (raise "
+            "learner.total_steps to continue); the final evaluation and export run again",
+            run_dir,
+            checkpoints[-1][0],
+            total_steps,
+        )
+
+
+def check_model_source(recipe: Recipe) -> None:
+    """model.path holds a config.json; the tokenizer directory exists."""
+    from rlcpm.models.checkpoint import read_config
+
+    model = recipe.model
+    if model.path is not None:
+        read_config(Path(model.path).expanduser())  # CheckpointError: directory not found / no config.json
+    tokenizer = model.tokenizer or model.path
+    if tokenizer is not None and not Path(tokenizer).expanduser().is_dir():
+        raise DataError(f"model.tokenizer: directory not found: {tokenizer}")
+
+
+def check_data_paths(recipe: Recipe) -> None:
+    """Dataset paths of data.train / data.eval exist (synthetic tasks need nothing)."""
+    for split in ("train", "eval"):
+        source = getattr(recipe.data, split)
+        if isinstance(source, str) and not Path(source).expanduser().exists():
+            raise DataError(f"data.{split}: dataset path not found: {source}")

@@ -1,0 +1,102 @@
+"""A run fails in a second, with the fix named, when its recipe names what is not there or its
+run_dir holds another run's checkpoints (no Ray started); a changed `model.tiny` rebuilds."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from rlcpm.config import load_recipe
+from rlcpm.errors import CheckpointError, DataError, RecipeError, RewardError, TrainingError
+from rlcpm.learner.checkpoint import STATE_FILE, checkpoint_path
+from rlcpm.learner.model_source import TINY_MODEL_DIR, resolve_model_dir
+from rlcpm.trainer import train
+from rlcpm.trainer.preflight import check_run
+
+TINY = {"model_type": "llama", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 64}  # fmt: skip
+
+
+def recipe(run_dir, **over):
+    base = {
+        "run_dir": str(run_dir),
+        "model": {"tiny": TINY, "device": "cpu"},
+        "data": {"train": {"task": "arithmetic", "num_samples": 8}},
+        "rewards": [{"name": "math"}],
+        "learner": {"total_steps": 3},
+        "logging": {"wandb": {"mode": "disabled"}},
+    }
+    return load_recipe(data=base, overrides=[f"{k}={json.dumps(v)}" for k, v in over.items()])
+
+
+def fake_checkpoint(run_dir, step):
+    path = checkpoint_path(run_dir / "checkpoints", step)
+    path.mkdir(parents=True)
+    (path / STATE_FILE).write_bytes(b"")
+
+
+def test_a_fresh_run_refuses_a_run_dir_with_checkpoints(tmp_path):
+    fake_checkpoint(tmp_path, 2)
+    with pytest.raises(TrainingError, match=r"step_00000002\); continue it with --resume"):
+        train(recipe(tmp_path))  # raises before Ray or a model starts
+    check_run(recipe(tmp_path), resume=True, default_run_dir="runs/grpo")  # resuming it is fine
+
+
+def test_resume_warns_when_there_is_nothing_to_resume_or_nothing_left(tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="rlcpm")
+    check_run(recipe(tmp_path), resume=True, default_run_dir="runs/grpo")
+    assert "no checkpoint under" in caplog.text
+    fake_checkpoint(tmp_path, 3)
+    check_run(recipe(tmp_path), resume=True, default_run_dir="runs/grpo")
+    assert "nothing left to train" in caplog.text
+
+
+def test_missing_model_tokenizer_data_and_rewards_are_named(tmp_path):
+    with pytest.raises(CheckpointError, match="model directory not found: /nope"):
+        check_run(recipe(tmp_path, model={"path": "/nope"}), False, "runs/grpo")
+    with pytest.raises(DataError, match="model.tokenizer: directory not found: /nope"):
+        check_run(recipe(tmp_path, **{"model.tokenizer": "/nope"}), False, "runs/grpo")
+    with pytest.raises(DataError, match="data.train: dataset path not found"):
+        check_run(recipe(tmp_path, **{"data.train": str(tmp_path / "none.jsonl")}), False, "runs/grpo")
+    with pytest.raises(RewardError, match="did you mean 'math'"):
+        check_run(recipe(tmp_path, rewards=[{"name": "mathh"}]), False, "runs/grpo")
+
+
+def test_model_path_and_tiny_together_and_a_negative_eval_temperature_are_recipe_errors(tmp_path):
+    with pytest.raises(RecipeError, match="not both"):
+        recipe(tmp_path, **{"model.path": str(tmp_path)})
+    with pytest.raises(RecipeError, match="eval.temperature"):
+        recipe(tmp_path, **{"eval.temperature": -1})
+
+
+def test_a_changed_tiny_model_is_rebuilt_unless_checkpoints_hold_the_old_one(tmp_path):
+    first = resolve_model_dir(recipe(tmp_path).model, tmp_path)
+    assert first == tmp_path / TINY_MODEL_DIR
+    assert json.loads((first / "config.json").read_text())["hidden_size"] == 16
+    wider = recipe(tmp_path, **{"model.tiny.hidden_size": 32}).model
+    assert json.loads((resolve_model_dir(wider, tmp_path) / "config.json").read_text())["hidden_size"] == 32
+    fake_checkpoint(tmp_path, 1)
+    with pytest.raises(TrainingError, match=r"differs .* \(hidden_size\)"):
+        resolve_model_dir(recipe(tmp_path).model, tmp_path)
+    assert resolve_model_dir(wider, tmp_path) == first  # the settings it was built with still load
+
+
+def test_evaluation_raises_when_the_engine_refused_requests_instead_of_scoring_them_as_wrong(tmp_path):
+    from types import SimpleNamespace
+
+    from rlcpm.data.example import Example
+    from rlcpm.rollout import RequestOutput
+    from rlcpm.trainer.evaluation import evaluate
+
+    class RefusingPool:  # what the rollout workers return for a request the engine rejects
+        def generate_plain(self, prompts, params):
+            return [
+                RequestOutput(i, p, [], [], "aborted", 0, error="prompt is longer than the context")
+                for i, p in enumerate(prompts)
+            ]
+
+    examples = [Example(id="e0", prompt="1+1=")]
+    with pytest.raises(TrainingError, match="refused 1 of 1 requests: prompt is longer than the context"):
+        evaluate(recipe(tmp_path), RefusingPool(), SimpleNamespace(terms=[]), examples, lambda e: [1, 2], str)
