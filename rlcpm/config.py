@@ -6,6 +6,7 @@ Every problem in a recipe is reported at once, with its key path, the bad value 
 
 from __future__ import annotations
 
+import copy
 import difflib
 import re
 import typing
@@ -81,8 +82,11 @@ class ModelConfig(Section):
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
-        if self.path is None and self.tiny is None:
-            raise ValueError("set model.path (a Hugging Face directory) or model.tiny (a tiny random model)")
+        if (self.path is None) == (self.tiny is None):
+            raise ValueError(
+                "set model.path (a Hugging Face directory) or model.tiny (a tiny random model)"
+                + ("" if self.path is None else ", not both")
+            )
         return self
 
 
@@ -384,7 +388,7 @@ class LoggingConfig(Section):
 class EvalConfig(Section):
     every_steps: int = Field(0, ge=0, description="0: only before and after training")
     num_prompts: int = Field(200, gt=0)
-    temperature: float | None = Field(None, description="null: the rollout temperature")
+    temperature: float | None = Field(None, ge=0, description="null: the rollout temperature; 0: greedy")
     greedy: bool = True
 
 
@@ -455,7 +459,7 @@ def load_recipe(
     source = str(path) if path is not None else "<dict>"
     raw: dict = _load_with_extends(Path(path), seen=()) if path is not None else {}
     if data:
-        raw = deep_merge(raw, data)
+        raw = deep_merge(raw, copy.deepcopy(data))  # overrides below must not edit the caller's dicts
     problems: list[str] = []
     for item in overrides or []:
         try:
@@ -555,7 +559,12 @@ def format_validation_errors(err: ValidationError) -> list[str]:
     messages = []
     for e in err.errors():
         loc = tuple(e["loc"])
+        if loc and loc[-1] == "str" and isinstance(e.get("input"), dict):
+            continue  # a mapping where a path or a mapping may go: its own errors say what is wrong
         path = _display_path(loc)
+        if e["type"] == "invalid_algorithm" and isinstance(e.get("input"), dict):
+            messages.append(f"{path}: {e['msg']} (got {e['input'].get('name')!r})")
+            continue
         if e["type"] == "extra_forbidden":
             allowed = _fields_at(loc[:-1])
             hint = ""

@@ -233,3 +233,20 @@ def test_resolved_recipe_round_trips(tmp_path):
     recipe = load_recipe(write(tmp_path, "r.yaml", MINIMAL), ["rollout.chunk_tokens=64"])
     again = write(tmp_path, "again.yaml", recipe.to_yaml())
     assert load_recipe(again) == recipe
+
+
+def test_overrides_do_not_edit_the_callers_data_dict():
+    tiny = {"model_type": "llama", "hidden_size": 16}
+    data = {"model": {"tiny": tiny}, "data": {"train": {"task": "arithmetic"}}, "rewards": [{"name": "math"}]}
+    recipe = load_recipe(data=data, overrides=["model.tiny.hidden_size=32"])
+    assert recipe.model.tiny.hidden_size == 32 and tiny["hidden_size"] == 16
+
+
+def test_a_mapping_data_source_reports_only_its_own_error_and_a_bad_algorithm_only_its_name(tmp_path):
+    path = write(tmp_path, "r.yaml", MINIMAL)
+    with pytest.raises(RecipeError) as excinfo:
+        load_recipe(path, ["data.train={task: arithmetic, num_sample: 5}", "algorithm.name=ppo"])
+    assert excinfo.value.problems == [
+        "data.train.num_sample: unknown key; did you mean 'data.train.num_samples'?",
+        "algorithm: algorithm.name must be one of 'grpo', 'dpo', 'sft' (got 'ppo')",
+    ]
