@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from rlcpm.config import Recipe
+from rlcpm.errors import TrainingError
 from rlcpm.rollout import SamplingParams
 from rlcpm.trainer.scoring import reward_metrics
 
@@ -42,6 +43,11 @@ def evaluate(
             for i in range(len(examples))
         ]
         outputs = rollout_pool.generate_plain(prompts, params)
+        aborted = [out for out in outputs if out.finish_reason == "aborted"]
+        if aborted:  # never score the empty outputs of refused requests as wrong answers
+            raise TrainingError(
+                f"evaluation: the engine refused {len(aborted)} of {len(outputs)} requests: {aborted[0].error}"
+            )
         samples = [
             Sample(
                 id=f"eval{i}",
