@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rlcpm.config import Recipe
+from rlcpm.errors import RlcpmError
 
 log = logging.getLogger("rlcpm")
 
@@ -25,6 +26,8 @@ _PROGRESS_KEYS = (
     ("train/kl", "kl"),
     ("rollout/response_len_mean", "len"),
     ("perf/step_time_s", "s/step"),
+    ("eval/accuracy", "eval acc"),
+    ("eval/greedy/accuracy", "eval greedy acc"),
 )
 
 
@@ -136,18 +139,24 @@ def _start_wandb(recipe: Recipe, run_dir: Path, run_id: str | None):
     import wandb
 
     os.environ.setdefault("WANDB_SILENT", "true")
-    return wandb.init(
-        project=cfg.project,
-        entity=cfg.entity,
-        name=cfg.name or run_dir.name,
-        tags=cfg.tags or None,
-        mode=cfg.mode,
-        dir=str(run_dir),
-        config=recipe.model_dump(mode="json"),
-        id=run_id,
-        resume="allow" if run_id else None,
-        settings=wandb.Settings(console="off", x_disable_stats=True),
-    )
+    try:
+        return wandb.init(
+            project=cfg.project,
+            entity=cfg.entity,
+            name=cfg.name or run_dir.name,
+            tags=cfg.tags or None,
+            mode=cfg.mode,
+            dir=str(run_dir),
+            config=recipe.model_dump(mode="json"),
+            id=run_id,
+            resume="allow" if run_id else None,
+            settings=wandb.Settings(console="off", x_disable_stats=True),
+        )
+    except wandb.errors.UsageError as err:  # no API key for mode online, most often
+        raise RlcpmError(
+            f"wandb ({cfg.mode}): {err} Set WANDB_API_KEY or run `wandb login`, or set "
+            "logging.wandb.mode to offline (upload later with `wandb sync`) or disabled"
+        ) from err
 
 
 def _truncate_after(path: Path, start_step: int) -> None:
