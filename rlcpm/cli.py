@@ -70,8 +70,8 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=_freq)
 
-    p = sub.add_parser("bench", help="run a benchmark from benchmarks/ by name")
-    p.add_argument("name")
+    p = sub.add_parser("bench", help="run a benchmark from benchmarks/ by name (from the repository root)")
+    p.add_argument("name", help="; ".join(available_benchmarks()) or "a module of benchmarks/")
     p.add_argument("args", nargs=argparse.REMAINDER)
     p.set_defaults(handler=_bench)
     return parser
@@ -150,11 +150,28 @@ def _freq(args) -> int:
 
 
 def _bench(args) -> int:
+    import os
     import runpy
 
+    names = available_benchmarks()
+    if not names:
+        raise RlcpmError("no benchmarks/ here: run `rlcpm bench` from the repository root")
+    if args.name not in names:
+        raise RlcpmError(f"unknown benchmark {args.name!r}; available: {', '.join(names)}")
+    sys.path.insert(0, os.getcwd())  # a console script's sys.path lacks the working directory
     sys.argv = [f"benchmarks.{args.name}", *args.args]
     runpy.run_module(f"benchmarks.{args.name}", run_name="__main__")
     return 0
+
+
+def available_benchmarks() -> list[str]:
+    """The runnable modules of ./benchmarks (the repository's; not its helpers)."""
+    from pathlib import Path
+
+    root = Path.cwd() / "benchmarks"
+    if not (root / "__init__.py").is_file():
+        return []
+    return sorted(p.stem for p in root.glob("*.py") if "__main__" in p.read_text())
 
 
 if __name__ == "__main__":

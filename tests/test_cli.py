@@ -68,3 +68,13 @@ def test_sft_replaces_a_grpo_algorithm_section_and_keeps_an_sft_one(capsys):
     sft = ROOT / "recipes" / "quickstart_sft.yaml"
     written = load_recipe(sft).algorithm
     assert written.name == "sft" and sft_recipe(str(sft), []).algorithm == written
+
+
+def test_bench_names_the_available_benchmarks_and_needs_the_repository_root(monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(ROOT)
+    assert main(["bench", "nosuch"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown benchmark 'nosuch'" in err and "sparse_attention" in err and "common" not in err
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "sparse_attention"]) == 1
+    assert "run `rlcpm bench` from the repository root" in capsys.readouterr().err
