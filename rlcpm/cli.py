@@ -51,7 +51,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quickstart", help="build a tiny model, then RL-train it on arithmetic (CPU, minutes)")
     p.add_argument("--run-dir", default="runs/quickstart")
-    p.add_argument("--recipe", default=None, help="default: the packaged quickstart recipe")
+    p.add_argument("--recipe", default=None, help="default: recipes/quickstart.yaml (run from the repository root)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.total_steps=5")
     p.set_defaults(handler=_quickstart)
 

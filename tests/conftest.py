@@ -32,3 +32,16 @@ def ray_session():
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def rlcpm_log(caplog):
+    """caplog for rlcpm's loggers at WARNING (rlcpm.monitor.setup_logging stops them propagating
+    to the root logger, where caplog listens)."""
+    import logging
+
+    logger = logging.getLogger("rlcpm")
+    logger.addHandler(caplog.handler)
+    caplog.handler.setLevel(logging.WARNING)
+    yield caplog
+    logger.removeHandler(caplog.handler)

@@ -51,6 +51,14 @@ def train_offline(recipe: Recipe, resume: bool = False) -> TrainResult:
     batch_size = algo.samples_per_step if isinstance(algo, SFTConfig) else algo.pairs_per_step
     batch_size = min(batch_size, len(items))
     num_steps = _num_steps(recipe, len(items), batch_size)
+    if isinstance(algo, SFTConfig) and "total_steps" in recipe.learner.model_fields_set:
+        if recipe.learner.total_steps != num_steps:
+            log.warning(
+                "sft: learner.total_steps (%d) is not used; the run takes ceil(epochs x rows / "
+                "samples_per_step) = %d steps (set algorithm.epochs instead)",
+                recipe.learner.total_steps,
+                num_steps,
+            )
     recipe = recipe.model_copy(deep=True)
     recipe.learner.total_steps = num_steps  # the schedule spans the steps this run takes
     run_dir.mkdir(parents=True, exist_ok=True)

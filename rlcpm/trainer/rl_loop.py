@@ -155,6 +155,12 @@ class GRPOTrainer:
             )
             return {**metrics, "train/skipped": 1.0, "perf/step_time_s": time.perf_counter() - start}
         metrics.update(_batch_metrics(groups, self.rollout.version))
+        if metrics["rollout/loss_masked_fraction"] == 1.0:
+            log.warning(
+                "step %d: every response is masked from the loss (cut at rollout.max_new_tokens with "
+                "overlong filtering on, or repetitive): no learning signal; raise max_new_tokens?",
+                self.step,
+            )
         rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)  # [N, G]
         batch = RLBatch.from_groups(groups, torch.zeros_like(rewards))
         if self.algo.kl_coef > 0 and self.algo.kl_in == "reward":

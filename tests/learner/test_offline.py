@@ -129,3 +129,15 @@ def test_dpo_on_synthetic_preferences(tmp_path, tiny_model_dir, precompute_ref):
     (checkpoint,) = [p for _, p in list_checkpoints(result.run_dir / "checkpoints")]
     state = torch.load(checkpoint / "trainer_state.pt", weights_only=False)
     assert ("ref_logps" in state["extra"]) == precompute_ref
+
+
+def test_sft_says_that_an_explicit_total_steps_is_not_used(tmp_path, tiny_model_dir, rlcpm_log):
+    sections = {
+        "algorithm": {"name": "sft", "epochs": 0.05, "samples_per_step": 16, "max_seq_len": 64},
+        "learner": {"lr": 1e-3, "total_steps": 99},
+        "data": {"train": {"task": "arithmetic", "num_samples": 320, "seed": 0}, "apply_chat_template": False},
+        "eval": {"num_prompts": 1},
+    }
+    result = train_offline(_sft_recipe(tmp_path, tiny_model_dir, **sections))
+    assert max(r["step"] for r in result.history) == 1  # ceil(0.05 * 320 / 16)
+    assert "learner.total_steps (99) is not used; the run takes ceil(epochs x rows / samples_per_step) = 1" in rlcpm_log.text

@@ -4,7 +4,6 @@ run_dir holds another run's checkpoints (no Ray started); a changed `model.tiny`
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
 
@@ -44,8 +43,8 @@ def test_a_fresh_run_refuses_a_run_dir_with_checkpoints(tmp_path):
     check_run(recipe(tmp_path), resume=True, default_run_dir="runs/grpo")  # resuming it is fine
 
 
-def test_resume_warns_when_there_is_nothing_to_resume_or_nothing_left(tmp_path, caplog):
-    caplog.set_level(logging.WARNING, logger="rlcpm")
+def test_resume_warns_when_there_is_nothing_to_resume_or_nothing_left(tmp_path, rlcpm_log):
+    caplog = rlcpm_log
     check_run(recipe(tmp_path), resume=True, default_run_dir="runs/grpo")
     assert "no checkpoint under" in caplog.text
     fake_checkpoint(tmp_path, 3)
