@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 from rlcpm.config import ClusterConfig
+from rlcpm.errors import TrainingError
 
 log = logging.getLogger("rlcpm.trainer")
 
@@ -23,6 +25,7 @@ def ensure_ray(cluster: ClusterConfig) -> bool:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env = {"env_vars": dict(_WORKER_ENV)}
     if cluster.address:
+        check_reachable(cluster.address)
         log.info("joining Ray at %s", cluster.address)
         ray.init(address=cluster.address, runtime_env=env, log_to_driver=True, configure_logging=False)
     else:
@@ -35,3 +38,18 @@ def ensure_ray(cluster: ClusterConfig) -> bool:
             configure_logging=False,
         )
     return True
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail at once when `host:port` (or `ray://host:port`) takes no connection: Ray itself
+    retries an unreachable address for minutes."""
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():  # "auto" and the like: Ray resolves them
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise TrainingError(
+            f"cluster.address {address}: no connection ({err}); start the cluster there "
+            "(`ray start --head`), or leave cluster.address unset for a local Ray"
+        ) from err

@@ -99,3 +99,19 @@ def test_evaluation_raises_when_the_engine_refused_requests_instead_of_scoring_t
     examples = [Example(id="e0", prompt="1+1=")]
     with pytest.raises(TrainingError, match="refused 1 of 1 requests: prompt is longer than the context"):
         evaluate(recipe(tmp_path), RefusingPool(), SimpleNamespace(terms=[]), examples, lambda e: [1, 2], str)
+
+
+def test_an_unreachable_ray_address_fails_at_once():
+    import socket
+    import time
+
+    from rlcpm.trainer.cluster import check_reachable
+
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    start = time.perf_counter()
+    with pytest.raises(TrainingError, match=rf"cluster.address 127.0.0.1:{port}: no connection"):
+        check_reachable(f"127.0.0.1:{port}")
+    assert time.perf_counter() - start < 5
+    check_reachable("auto")  # left to Ray
