@@ -78,3 +78,11 @@ def test_bench_names_the_available_benchmarks_and_needs_the_repository_root(monk
     monkeypatch.chdir(tmp_path)
     assert main(["bench", "sparse_attention"]) == 1
     assert "run `rlcpm bench` from the repository root" in capsys.readouterr().err
+
+
+def test_validate_fails_on_an_unknown_reward_and_notes_paths_missing_here(capsys):
+    quickstart = str(ROOT / "recipes" / "quickstart.yaml")
+    assert main(["validate", quickstart, "rewards=[{name: mathh}]"]) == 2
+    assert "did you mean 'math'" in capsys.readouterr().err
+    assert main(["validate", quickstart, "data.train=/nowhere/train.jsonl"]) == 0
+    assert "note: on this machine, data.train: dataset path not found: /nowhere/train.jsonl" in capsys.readouterr().err

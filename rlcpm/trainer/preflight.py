@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 from rlcpm.config import Recipe
-from rlcpm.errors import DataError, TrainingError
+from rlcpm.errors import CheckpointError, DataError, TrainingError
 from rlcpm.learner.checkpoint import list_checkpoints
 
 log = logging.getLogger("rlcpm.trainer")
@@ -60,7 +60,10 @@ def check_model_source(recipe: Recipe) -> None:
 
     model = recipe.model
     if model.path is not None:
-        read_config(Path(model.path).expanduser())  # CheckpointError: directory not found / no config.json
+        try:
+            read_config(Path(model.path).expanduser())
+        except CheckpointError as err:  # directory not found / no config.json / bad JSON
+            raise CheckpointError(f"model.path: {err}") from err
     tokenizer = model.tokenizer or model.path
     if tokenizer is not None and not Path(tokenizer).expanduser().is_dir():
         raise DataError(f"model.tokenizer: directory not found: {tokenizer}")
