@@ -44,14 +44,19 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in run_dir")
     p.set_defaults(handler=_train)
 
-    p = sub.add_parser("sft", help="supervised fine-tuning on a recipe's data and model (a grpo/dpo algorithm section is replaced by sft defaults)")
+    p = sub.add_parser(
+        "sft",
+        help="supervised fine-tuning on a recipe's data and model (a grpo/dpo algorithm section is replaced by sft defaults)",
+    )
     _recipe_args(p)
     p.add_argument("--resume", action="store_true")
     p.set_defaults(handler=_sft)
 
     p = sub.add_parser("quickstart", help="build a tiny model, then RL-train it on arithmetic (CPU, minutes)")
     p.add_argument("--run-dir", default="runs/quickstart")
-    p.add_argument("--recipe", default=None, help="default: recipes/quickstart.yaml (run from the repository root)")
+    p.add_argument(
+        "--recipe", default=None, help="default: recipes/quickstart.yaml (run from the repository root)"
+    )
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.total_steps=5")
     p.set_defaults(handler=_quickstart)
 
@@ -111,14 +116,23 @@ def _train(args) -> int:
     from rlcpm.config import load_recipe
     from rlcpm.trainer import train
 
-    train(load_recipe(args.recipe, args.overrides), resume=args.resume)
+    _report_result(train(load_recipe(args.recipe, args.overrides), resume=args.resume))
     return 0
+
+
+def _report_result(result) -> None:
+    for line in result.accuracy_lines():
+        print(line)
+    print(
+        f"run directory: {result.run_dir}"
+        + (f"; final model: {result.final_model_dir}" if result.final_model_dir else "")
+    )
 
 
 def _sft(args) -> int:
     from rlcpm.trainer import train
 
-    train(sft_recipe(args.recipe, args.overrides), resume=args.resume)
+    _report_result(train(sft_recipe(args.recipe, args.overrides), resume=args.resume))
     return 0
 
 

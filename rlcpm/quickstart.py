@@ -46,12 +46,8 @@ def run_quickstart(
     summary = result.summary
     minutes = (time.perf_counter() - start) / 60
     print(f"\nquickstart finished in {minutes:.1f} min; run directory: {result.run_dir}")
-    for label, key in (("sampled", "accuracy"), ("greedy", "greedy_accuracy")):
-        before, after = summary.get(f"{key}_before"), summary.get(f"{key}_after")
-        if before is not None and after is not None:
-            print(
-                f"held-out accuracy ({label}): {before:.1%} -> {after:.1%} ({(after - before) * 100:+.1f} points)"
-            )
+    for line in result.accuracy_lines():
+        print(line)
     print(f"plots: rlcpm report {result.run_dir}")
     return summary
 

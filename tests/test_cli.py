@@ -86,3 +86,11 @@ def test_validate_fails_on_an_unknown_reward_and_notes_paths_missing_here(capsys
     assert "did you mean 'math'" in capsys.readouterr().err
     assert main(["validate", quickstart, "data.train=/nowhere/train.jsonl"]) == 0
     assert "note: on this machine, data.train: dataset path not found: /nowhere/train.jsonl" in capsys.readouterr().err
+
+
+def test_a_run_reports_its_held_out_accuracy_before_and_after():
+    from rlcpm.trainer import TrainResult
+
+    result = TrainResult(Path("runs/x"), summary={"accuracy_before": 0.51, "accuracy_after": 0.845,
+                                                  "greedy_accuracy_before": 0.835})  # fmt: skip
+    assert result.accuracy_lines() == ["held-out accuracy (sampled): 51.0% -> 84.5% (+33.5 points)"]

@@ -18,6 +18,17 @@ class TrainResult:
     final_model_dir: Path | None = None
     summary: dict[str, Any] = field(default_factory=dict)
 
+    def accuracy_lines(self) -> list[str]:
+        """'held-out accuracy (sampled|greedy): before -> after (+points)' for what the run measured."""
+        lines = []
+        for label, key in (("sampled", "accuracy"), ("greedy", "greedy_accuracy")):
+            before, after = self.summary.get(f"{key}_before"), self.summary.get(f"{key}_after")
+            if before is not None and after is not None:
+                lines.append(
+                    f"held-out accuracy ({label}): {before:.1%} -> {after:.1%} ({(after - before) * 100:+.1f} points)"
+                )
+        return lines
+
 
 def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     """Run a recipe to the end; `resume=True` continues from the last checkpoint in run_dir.
