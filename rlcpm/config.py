@@ -317,7 +317,7 @@ class LoraConfig(Section):
     enabled: bool = True
     rank: int = Field(16, gt=0)
     alpha: float = Field(32.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1, description="SFT and DPO; GRPO updates run without dropout (ratio = 1 on-policy)")
     targets: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )

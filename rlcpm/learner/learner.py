@@ -92,6 +92,10 @@ class Learner:
                     "learner.lora.targets: lm_head cannot carry an adapter (the log-prob head reads its weight)"
                 )
             apply_lora(self.policy, lora)
+        if isinstance(self.algorithm, GRPOConfig):
+            # The importance ratio must compare the function the engine sampled from, which has
+            # no dropout: with LoRA dropout on, on-policy tokens got ratios of 1 +- 1e-2.
+            disable_dropout(self.policy)
         self.uses_lora = lora is not None
         self.shares_prompts = (
             self.config.share_prompts and self.policy.attention_backend.supports_shared_prefix
@@ -404,3 +408,10 @@ def _resolve_device(device: str) -> torch.device:
 def _barrier() -> None:
     if is_distributed():
         torch.distributed.barrier()
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """p = 0 in every dropout layer (LoRA's included); the model stays in train mode otherwise."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0

@@ -49,3 +49,13 @@ def test_kl_as_reward_penalty():
     out = kl_penalized_rewards(rewards, logprobs, ref, mask, kl_coef=0.1, kl_estimator="k1")
     # k1 = logp - ref: row 0: 0.5 + (-1.0) = -0.5 ; row 1: 0 + 0.5 - 0.4 = 0.1
     assert out.tolist() == pytest.approx([1.0 + 0.05, 0.0 - 0.01])
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo"])
+@pytest.mark.parametrize("value, group", [(0.7, 8), (0.1, 16), (-2.994, 16), (0.9, 8)])
+def test_a_group_of_identical_rewards_gets_exactly_zero(estimator, value, group):
+    # float32 means of such groups round off R by ~1e-8; over a std of the same size that was +0.056
+    rewards = torch.tensor([[value] * group, [1.0] + [0.0] * (group - 1)])
+    advantages = compute_advantages(rewards, estimator)
+    assert torch.equal(advantages[0], torch.zeros(group))
+    assert advantages[1, 0] > 0 > advantages[1, 1]

@@ -40,6 +40,15 @@ def test_first_update_on_policy_has_unit_ratio_and_no_clipping(make_recipe, make
     assert learner.train_step(batch)["train/ratio_max"] != 1.0
 
 
+def test_lora_dropout_does_not_touch_the_on_policy_ratio(make_recipe, make_rl_batch):
+    # With dropout in the update's forward, the ratio compared another function than the
+    # sampler's (1 +- 1e-2 on-policy); a GRPO learner runs without dropout.
+    learner = Learner(make_recipe({"learner": {"lr": 1e-2, "lora": {"rank": 4, "dropout": 0.5}}}))
+    learner.train_step(make_rl_batch(learner, seed=1))  # B != 0 from here: dropout would matter
+    metrics = learner.train_step(make_rl_batch(learner, seed=2))  # fresh behaviour log-probs
+    assert metrics["train/ratio_mean"] == 1.0 and metrics["train/ratio_max"] == 1.0
+
+
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
 def test_gradient_accumulation_invariance(make_recipe, make_rl_batch, agg):
     """One packed micro-batch == many (a 24-token budget), gradients to 1e-6 relative."""
