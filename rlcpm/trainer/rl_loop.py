@@ -165,7 +165,7 @@ class GRPOTrainer:
         batch = RLBatch.from_groups(groups, torch.zeros_like(rewards))
         if self.algo.kl_coef > 0 and self.algo.kl_in == "reward":
             rewards, metrics["train/kl_penalty_mean"] = self._kl_penalized(batch, rewards)
-        advantages = compute_advantages(rewards, self.algo.advantage, self.algo.std_eps)  # [N, G]
+        advantages = group_advantages(groups, rewards, self.algo)  # [N, G]
         for seq, advantage in zip(batch.sequences, advantages.flatten().tolist()):
             seq.advantage = advantage
         self._pending_update = (self.learner.start("train_step", batch), time.perf_counter())
@@ -365,6 +365,21 @@ class GRPOTrainer:
                     log.warning("closing %s: %s", name, err)
         if getattr(self, "started_ray", False) and ray.is_initialized():
             ray.shutdown()
+
+
+def group_advantages(groups: list[Group], rewards: torch.Tensor, algo: GRPOConfig) -> torch.Tensor:
+    """Advantages [N, G]; a group with dropped samples (reward on_error: drop) is normalised
+    over its kept samples alone (its dropped ones get 0), so their filled-in mean rewards do
+    not shrink the group's std."""
+    advantages = compute_advantages(rewards, algo.advantage, algo.std_eps)
+    for row, group in enumerate(groups):
+        kept = [i for i, dropped in enumerate(group.dropped or []) if not dropped]
+        if len(kept) == rewards.shape[1]:
+            continue
+        advantages[row] = 0.0
+        if len(kept) >= 2:
+            advantages[row, kept] = compute_advantages(rewards[row, kept][None], algo.advantage, algo.std_eps)[0]
+    return advantages
 
 
 def groups_in_flight_for(need: int, yield_rate: float, z: float = SHORTFALL_Z) -> int:

@@ -36,7 +36,8 @@ def attach_rewards(
     group: Group, results: Sequence[RewardResult], algo: GRPOConfig, rollout: RolloutConfig
 ) -> None:
     """Fill group.rewards / reward_components / dropped / loss_mask. A dropped sample (reward
-    on_error: drop) gets the group's mean reward (zero advantage) and zero loss weight."""
+    on_error: drop) gets the group's mean reward (for the metrics) and zero loss weight; the
+    advantages of its group are computed over the kept samples (rl_loop.group_advantages)."""
     totals = [r.total for r in results]
     if algo.overlong_penalty is not None:
         cfg = algo.overlong_penalty

@@ -129,3 +129,25 @@ def test_groups_in_flight_make_one_round_enough_with_high_probability():
             assert binom.sf(need - 1, target, rate) >= 0.9  # P(at least `need` finish and pass)
         # the margin shrinks relative to the batch as it grows (a z-sigma margin, not a factor)
         assert groups_in_flight_for(need, 0.6) <= need / 0.6 * (1.25 if need >= 64 else 3.0)
+
+
+def test_groups_with_dropped_samples_are_normalised_over_the_kept_ones():
+    import statistics
+
+    import torch
+
+    from rlcpm.config import GRPOConfig
+    from rlcpm.trainer.rl_loop import group_advantages
+    from rlcpm.trainer.trajectory import Group
+
+    # kept rewards [1, 0, 1, 0]; the 4 dropped samples were filled with their mean 0.5
+    dropped = [False, False, True, True, False, False, True, True]
+    filled = [1.0, 0.0, 0.5, 0.5, 1.0, 0.0, 0.5, 0.5]
+    groups = [Group("g0", None, [], rewards=filled, dropped=dropped), Group("g1", None, [], dropped=[False] * 8)]
+    rewards = torch.tensor([filled, [1.0] + [0.0] * 7])
+    advantages = group_advantages(groups, rewards, GRPOConfig())
+    std = statistics.stdev([1.0, 0.0, 1.0, 0.0])
+    expected = [0.5 / std, -0.5 / std, 0, 0, 0.5 / std, -0.5 / std, 0, 0]
+    assert advantages[0].tolist() == pytest.approx(expected, rel=1e-5)  # not +-1.32 (std over all 8)
+    untouched = torch.tensor([1.0] + [0.0] * 7)
+    assert advantages[1].tolist() == pytest.approx(((untouched - 0.125) / (untouched.std() + 1e-6)).tolist())
