@@ -69,8 +69,14 @@ class MirroredDecodeAttention(DenseAttention):
         self._rest_meta: AttentionMetadata | None = None
 
     def invalidate(self) -> None:
-        """Forget every row (the KV it mirrors changed, e.g. new weights)."""
+        """Forget every row (the KV it mirrors changed, e.g. new weights) and zero the mirror.
+
+        Keys past a row's context are masked, but their probability 0 times a NaN left by
+        diverged weights is NaN: the mirror holds only finite values from here on."""
         self.row_of, self.row_lens = {}, []
+        if self.mirror is not None:
+            with torch.inference_mode():  # the mirror was made in inference mode
+                self.mirror.zero_()
 
     # ------------------------------------------------------------------------------ planning
 
@@ -198,6 +204,9 @@ class MirroredDecodeAttention(DenseAttention):
             table = block_tables[batch_index, :num_blocks].long().clamp(min=0)  # [n, nb]
             gathered = kv_cache.storage[:, :, table]  # [2, L, n, nb, bs, Hkv, D]
             gathered = gathered.flatten(3, 4)[:, :, :, :longest].transpose(3, 4)  # [2, L, n, Hkv, longest, D]
+            lengths = torch.tensor([context_before[index] for index in indices], device=device)
+            stale = torch.arange(longest, device=device)[None, :] >= lengths[:, None]  # [n, longest]
+            gathered.masked_fill_(stale[None, None, :, None, :, None], 0.0)  # a block's unwritten tail
             target = torch.tensor(
                 [rows[index] for index in indices], dtype=torch.long, device=self.mirror.device
             )

@@ -2,9 +2,11 @@
 
 Each tensor is checked (known name, same shape, same dtype) and copied into the existing
 parameter at once, so no second copy of the model is ever held. Tied parameters answer to
-every one of their names. A stream that fails part-way leaves a mix of old and new weights:
-the engine is then marked inconsistent and refuses to generate until a complete update
-succeeds; it never claims the new version.
+every one of their names. A stream that fails part-way (a bad tensor, or any exception of the
+stream itself: a lost connection, an interrupt) leaves a mix of old and new weights: the engine
+is then marked inconsistent and refuses to generate until an update succeeds that is complete
+(strict) or re-sends at least every tensor the failed stream touched; it never claims the new
+version.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class WeightSync:
         self.params = dict(model.named_parameters(remove_duplicate=False))
         self.version = 0
         self.failure: str | None = None
+        self.failed_params: set[int] = set()  # the parameters a failed stream copied into
         self.last_sync: dict[str, float] = {}
 
     def check_consistent(self) -> None:
@@ -75,10 +78,17 @@ class WeightSync:
                         f"the update missed {len(missing)} parameter name(s), e.g. {missing[:3]}; "
                         "send every parameter or pass strict=False"
                     )
-        except WeightSyncError as error:
+        except BaseException as error:
             if num_tensors:
-                self.failure = f"failed at version {version}: {error}"
+                self.failure = f"failed at version {version}: {type(error).__name__}: {error}"
+                self.failed_params |= updated
             raise
+        if self.failure is not None and not strict and not self.failed_params <= updated:
+            raise WeightSyncError(
+                f"the engine's weights are still a partial update ({self.failure}): re-send every "
+                "tensor of the failed update, or send a complete one (strict=True)"
+            )
+        self.failed_params = set()
         self.version = self.version + 1 if version is None else version
         self.failure = None
         seconds = time.perf_counter() - start

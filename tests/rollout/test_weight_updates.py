@@ -104,3 +104,38 @@ def test_update_weights_drops_paused_kv_so_continuations_are_reprefilled(make_en
     engine.update_weights(tensors, version=1)
     assert engine.engine_stats()["num_paused"] == 0
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_a_stream_that_breaks_off_leaves_the_engine_refusing_until_it_is_repaired(make_engine, tiny_dirs):
+    engine = make_engine("llama")
+    _, tensors = _other_weights(tiny_dirs)
+
+    def lost_connection():
+        yield from tensors[:3]
+        raise ConnectionError("learner went away")
+
+    with pytest.raises(ConnectionError):
+        engine.update_weights(lost_connection(), version=1)
+    with pytest.raises(EngineError, match="partial update .*ConnectionError: learner went away"):
+        engine.generate([[1, 2, 3]], GREEDY)
+    with pytest.raises(WeightSyncError, match="re-send every tensor of the failed update"):
+        engine.update_weights([], strict=False)  # an empty update repairs nothing
+    with pytest.raises(EngineError, match="partial update"):
+        engine.generate([[1, 2, 3]], GREEDY)
+    engine.update_weights(tensors[:3], version=2, strict=False)  # the touched tensors, consistently
+    assert engine.generate([[1, 2, 3]], GREEDY)[0].weight_version == 2
+
+
+def test_good_weights_after_nan_weights_generate_as_before(make_engine, tiny_dirs):
+    # A diverged step, then a rollback: no NaN key or value may survive in any cache (a masked
+    # key's probability 0 times a stale NaN is NaN).
+    engine = make_engine("llama")
+    good = [(n, p.detach().clone()) for n, p in engine.model.named_parameters()]
+    batch = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14]]
+    before = engine.generate(batch, GREEDY)
+    engine.update_weights([(n, torch.full_like(t, float("nan"))) for n, t in good])
+    engine.generate(batch, GREEDY)
+    engine.update_weights(good)
+    after = engine.generate(batch, GREEDY)
+    assert [o.token_ids for o in after] == [o.token_ids for o in before]
+    assert all(torch.isfinite(torch.tensor(o.logprobs)).all() for o in after)
