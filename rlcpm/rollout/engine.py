@@ -14,6 +14,7 @@ the valid requests of the same call; ``generate`` raises only for a malformed ca
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import random
 import time
@@ -101,6 +102,13 @@ class Engine:
         fused_decoder: bool = True,
         drafter: Drafter | None = None,
     ):
+        for name, value in (
+            ("max_num_seqs", max_num_seqs),
+            ("max_num_batched_tokens", max_num_batched_tokens),
+            ("block_size", block_size),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise EngineError(f"{name} must be an int >= 1, got {value!r}")
         config = model.config
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -252,7 +260,15 @@ class Engine:
         prompt, previous = list(request.prompt_token_ids), list(request.output_token_ids)
         if not prompt:
             raise RequestError(f"request {request.request_id!r}: the prompt is empty")
-        bad = [t for t in prompt + previous if not isinstance(t, int) or not (0 <= t < self.vocab_size)]
+        not_ints = [
+            t for t in prompt + previous if isinstance(t, bool) or not isinstance(t, numbers.Integral)
+        ]
+        if not_ints:
+            raise RequestError(
+                f"request {request.request_id!r}: token ids must be ints, got {not_ints[0]!r} "
+                f"({type(not_ints[0]).__name__}); pass a list of ints (tensor.tolist())"
+            )
+        bad = [t for t in prompt + previous if not (0 <= t < self.vocab_size)]
         if bad:
             raise RequestError(
                 f"request {request.request_id!r}: token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})"
@@ -335,16 +351,20 @@ class Engine:
         seen: set = set()
         outputs: list[RequestOutput | None] = [None] * len(requests)
         seqs: dict[int, Sequence] = {}
-        for index, (request, request_params) in enumerate(zip(requests, per_request)):
-            try:
-                if request.request_id in seen:
-                    raise RequestError(f"request id {request.request_id!r} appears twice in one call")
-                seen.add(request.request_id)
-                seqs[index] = self.add_request(request, request_params, max_chunk_tokens)
-            except RequestError as error:
-                outputs[index] = self._aborted(request, str(error))
-        while self.scheduler.has_unfinished:
-            self.step()
+        try:
+            for index, (request, request_params) in enumerate(zip(requests, per_request)):
+                try:
+                    if request.request_id in seen:
+                        raise RequestError(f"request id {request.request_id!r} appears twice in one call")
+                    seen.add(request.request_id)
+                    seqs[index] = self.add_request(request, request_params, max_chunk_tokens)
+                except RequestError as error:
+                    outputs[index] = self._aborted(request, str(error))
+            while self.scheduler.has_unfinished:
+                self.step()
+        except BaseException:  # an interrupt, a failed forward: this call's requests leave no trace
+            self.scheduler.discard(seqs.values())
+            raise
         for index, seq in seqs.items():
             outputs[index] = seq.to_output(self.weight_version)
         return outputs  # type: ignore[return-value]
@@ -355,7 +375,8 @@ class Engine:
             if isinstance(prompt, Request):
                 requests.append(prompt)
             else:
-                requests.append(Request(f"call{self._num_calls}-{len(requests)}", list(prompt)))
+                ids = prompt.tolist() if hasattr(prompt, "tolist") else list(prompt)  # tensors, arrays
+                requests.append(Request(f"call{self._num_calls}-{len(requests)}", ids))
         return requests
 
     def _aborted(self, request: Request, error: str) -> RequestOutput:
@@ -372,6 +393,8 @@ class Engine:
 
     def drop_paused(self, request_ids: Iterable[Any] | None = None) -> int:
         """Free the KV kept for paused requests (all when None); returns how many were freed."""
+        if isinstance(request_ids, str | bytes | int):  # one id, not an iterable of ids
+            request_ids = [request_ids]
         return self.scheduler.drop_paused(request_ids)
 
     # ------------------------------------------------------------------------------- weights

@@ -21,6 +21,7 @@ distribution in vocabulary order with that single uniform.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from math import isfinite
@@ -66,6 +67,10 @@ class SamplingParams:
             raise RequestError(f"max_new_tokens must be an int, got {self.max_new_tokens!r}")
         if self.max_new_tokens <= 0:
             raise RequestError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
+        for name in ("temperature", "top_p"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise RequestError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
         if not isfinite(self.temperature) or self.temperature < 0:
             raise RequestError(f"temperature must be finite and >= 0 (0 = greedy), got {self.temperature}")
         if not (0 < self.top_p <= 1):

@@ -87,6 +87,16 @@ class Scheduler:
             self.block_manager.free(self.paused.pop(request_id))
         return len(ids)
 
+    def discard(self, seqs: Iterable[Sequence]) -> None:
+        """Remove these sequences from every queue and free their KV (an abandoned call)."""
+        doomed = {id(seq) for seq in seqs}
+        self.waiting = deque(seq for seq in self.waiting if id(seq) not in doomed)
+        self.running = [seq for seq in self.running if id(seq) not in doomed]
+        for request_id in [r for r, seq in self.paused.items() if id(seq) in doomed]:
+            del self.paused[request_id]
+        for seq in seqs:
+            self.block_manager.free(seq)
+
     def drop_all_kv(self) -> None:
         """Free every sequence's KV (new weights make it stale); running ones queue up again."""
         for seq in reversed(self.running):

@@ -24,6 +24,14 @@ OK = SamplingParams(max_new_tokens=6, temperature=1.0, seed=3, ignore_eos=True)
         (Request("bad-temperature", [1, 2], SamplingParams(temperature=-1.0)), "temperature"),
         (Request("bad-top-p", [1, 2], SamplingParams(top_p=0.0)), "top_p"),
         (Request("bad-token", [1, 9999], OK), r"token ids \[9999\] are outside the vocabulary"),
+        (Request("bool-token", [True, 2], OK), r"token ids must be ints, got True \(bool\)"),
+        (
+            Request(
+                "string-temperature", [1, 2], SamplingParams(temperature="1e-3")
+            ),  # YAML reads 1e-3 as a str
+            r"temperature must be a number, got '1e-3' \(str\)",
+        ),
+        (Request("none-top-p", [1, 2], SamplingParams(top_p=None)), "top_p must be a number"),
         (
             Request("done-already", [1, 2], SamplingParams(max_new_tokens=2), output_token_ids=[3, 4]),
             "already has 2",
@@ -94,3 +102,46 @@ def test_stop_strings_need_a_tokenizer(tiny_dirs):
     engine = Engine(load_model(str(tiny_dirs["llama"])), tokenizer=None, kv_budget_bytes=1 << 20)
     out = engine.generate([[1, 2, 3]], SamplingParams(stop=["x"]))[0]
     assert out.finish_reason == "aborted" and "tokenizer" in out.error
+
+
+def test_a_call_that_raises_leaves_no_request_behind(make_engine, prompts, monkeypatch):
+    engine = make_engine("llama", max_num_seqs=4)
+    free_blocks = len(engine.block_manager.free_block_ids)
+    step, calls = engine.step, []
+
+    def interrupted():  # Ctrl-C in the middle of decoding
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return step()
+
+    monkeypatch.setattr(engine, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        engine.generate(
+            [Request(f"r{i}", p, OK) for i, p in enumerate(prompts(n=6, seed=4))], max_chunk_tokens=2
+        )
+    monkeypatch.setattr(engine, "step", step)
+    assert not engine.scheduler.has_unfinished and not engine.scheduler.paused
+    assert len(engine.block_manager.free_block_ids) == free_blocks  # no KV leaked
+    out = engine.generate([[4, 5, 6]], SamplingParams(max_new_tokens=1, ignore_eos=True))
+    assert len(out) == 1 and engine.engine_stats()["num_paused"] == 0
+
+
+def test_prompts_as_arrays_and_a_single_id_to_drop(make_engine):
+    import numpy as np
+    import torch
+
+    engine = make_engine("llama")
+    reference = engine.generate([[1, 2, 3]], OK)[0].token_ids
+    for prompt in (np.array([1, 2, 3]), torch.tensor([1, 2, 3]), [np.int64(1), np.int64(2), np.int64(3)]):
+        assert engine.generate([prompt], OK)[0].token_ids == reference
+    engine.generate([Request("traj-7", [1, 2, 3], OK)], max_chunk_tokens=2)
+    assert engine.drop_paused("traj-7") == 1  # the id itself, not its characters
+
+
+@pytest.mark.parametrize("setting", ["max_num_seqs", "max_num_batched_tokens", "block_size"])
+def test_engine_sizes_below_one_are_refused_at_construction(setting, make_engine):
+    from rlcpm.errors import EngineError
+
+    with pytest.raises(EngineError, match=f"{setting} must be an int >= 1, got 0"):
+        make_engine("llama", **{setting: 0})
