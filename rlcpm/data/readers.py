@@ -127,9 +127,10 @@ def _collect(directory: Path, fmt: str, out: list[tuple[Path, str]]) -> None:
 
 
 def _open_text(path: Path) -> io.TextIOBase:
+    """UTF-8 text; a byte-order mark (Excel, Notepad) is dropped, not read as part of the first row."""
     if path.suffix.lower() == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
 
 
 def _read_jsonl(path: Path) -> Iterator[_Located]:
@@ -151,6 +152,9 @@ def _read_json(path: Path) -> Iterator[_Located]:
         try:
             loaded = json.load(handle)
         except json.JSONDecodeError as err:
+            if err.msg == "Extra data":  # JSON Lines in a .json file, as datasets' to_json writes
+                yield from _read_jsonl(path)
+                return
             raise DataError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from err
     if isinstance(loaded, dict) and isinstance(loaded.get("data"), list):
         loaded = loaded["data"]
@@ -165,15 +169,17 @@ def _read_csv(path: Path) -> Iterator[_Located]:
         reader = csv.DictReader(handle)
         if reader.fieldnames is None:
             return
+        line_number = reader.line_num + 1  # where the next record starts (one may span lines)
         for record in reader:
-            line_number = reader.line_num
             location = f"line {line_number}"
             extra = record.pop(None, None)  # type: ignore[call-overload]
             if extra:
                 problem = f"{len(extra)} more cell(s) than the header's {len(reader.fieldnames)}"
                 yield location, line_number, None, problem
+                line_number = reader.line_num + 1
                 continue
             yield location, line_number, record, None
+            line_number = reader.line_num + 1
 
 
 def _read_parquet(path: Path) -> Iterator[_Located]:

@@ -58,7 +58,11 @@ def parse_row(data: Any, fields: FieldMap, algorithm: Algorithm = "grpo") -> Par
         return _present(data.get(columns[name]))
 
     row.id = _as_id(get("id"), columns["id"])
-    row.prompt = _as_text(get("prompt"), columns["prompt"])
+    prompt = get("prompt")
+    prompt_turns = None
+    if isinstance(prompt, list):  # TRL's conversational format: the prompt column holds the turns
+        prompt_turns, prompt = prompt, None
+    row.prompt = _as_text(prompt, columns["prompt"])
     row.answer = _as_answer(get("answer"), columns["answer"])
     row.response = _as_text(get("response"), columns["response"])
     for name in JSON_FIELDS:
@@ -67,15 +71,18 @@ def parse_row(data: Any, fields: FieldMap, algorithm: Algorithm = "grpo") -> Par
             row.fields[name] = value
     row.tools = row.fields.get("tools")
 
-    messages = get("messages")
+    messages = get("messages") if columns["messages"] != columns["prompt"] else None
+    messages_column = columns["messages"]
+    if messages is None and prompt_turns is not None:
+        messages, messages_column = prompt_turns, columns["prompt"]
     if messages is not None:
-        messages = _as_messages(messages, columns["messages"])
+        messages = _as_messages(messages, messages_column)
         if messages[-1]["role"] == "assistant":
             final = messages.pop()
             if row.response is None:
-                row.response = _content_text(final, columns["messages"])
+                row.response = _content_text(final, messages_column)
             if not messages:
-                raise RowError(f"column {columns['messages']!r} holds only an assistant turn, no prompt")
+                raise RowError(f"column {messages_column!r} holds only an assistant turn, no prompt")
         row.messages = messages
 
     chosen_turns, row.chosen = _as_completion(get("chosen"), columns["chosen"])
@@ -201,7 +208,15 @@ def _content_text(message: dict, column: str) -> str:
 
 
 def _as_completion(value: Any, column: str) -> tuple[list[dict], str | None]:
-    """A chosen/rejected completion: plain text, or a conversation whose last turn is the assistant's."""
+    """A chosen/rejected completion: plain text, or a conversation whose last turn is the assistant's
+    (also as JSON text, as CSV and Parquet string columns store one)."""
+    if isinstance(value, str) and value.lstrip().startswith("[{"):
+        try:
+            decoded = json.loads(value)
+        except json.JSONDecodeError:
+            decoded = None
+        if isinstance(decoded, list) and all(isinstance(m, dict) and "role" in m for m in decoded):
+            value = decoded
     if value is None or isinstance(value, str):
         return [], value
     messages = _as_messages(value, column)

@@ -193,3 +193,52 @@ def test_write_jsonl_round_trip_for_every_task(tmp_path):
         assert [e.prompt for e in loaded.examples] == [r["prompt"] for r in rows]
         if task == "tool_use":
             assert [e.fields["tools"] for e in loaded.examples] == [r["tools"] for r in rows]
+
+
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("excel.csv", 'prompt,answer\r\nWhat is 2+2?,4\r\nWhat is 3+3?,6\r\n'),
+        ("notepad.jsonl", '{"prompt": "What is 2+2?", "answer": "4"}\n{"prompt": "What is 3+3?", "answer": "6"}\n'),
+        ("list.json", '[{"prompt": "What is 2+2?", "answer": "4"}, {"prompt": "What is 3+3?", "answer": "6"}]'),
+    ],
+)
+def test_a_byte_order_mark_is_not_part_of_the_first_row(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode())  # as Excel and Notepad save UTF-8
+    loaded = load_examples(config(path, skip_invalid=True))
+    assert [(e.prompt, e.answer) for e in loaded.examples] == [("What is 2+2?", "4"), ("What is 3+3?", "6")]
+    assert loaded.num_skipped == 0
+
+
+def test_json_lines_in_a_json_file_as_datasets_to_json_writes_them(tmp_path):
+    path = tmp_path / "hf.json"
+    path.write_text('{"prompt": "a"}\n{"prompt": "b"}\n')
+    assert [e.prompt for e in load_examples(config(path)).examples] == ["a", "b"]
+
+
+def test_trl_conversational_preferences_with_an_explicit_prompt(write_jsonl_lines, tmp_path):
+    row = {
+        "prompt": [{"role": "user", "content": "Q"}],
+        "chosen": [{"role": "assistant", "content": "good"}],
+        "rejected": [{"role": "assistant", "content": "bad"}],
+    }
+    pair = load_examples(config(write_jsonl_lines([row])), algorithm="dpo").examples[0]
+    assert (pair.prompt, pair.chosen, pair.rejected) == ("Q", "good", "bad")  # one user turn, raw mode
+    # the same conversations as JSON text in CSV string columns
+    path = tmp_path / "pairs.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["prompt", "chosen", "rejected"])
+        writer.writerow(["Q", json.dumps(row["chosen"]), json.dumps(row["rejected"])])
+    pair = load_examples(config(path), algorithm="dpo").examples[0]
+    assert (pair.prompt, pair.chosen, pair.rejected) == ("Q", "good", "bad")
+
+
+def test_a_csv_record_over_several_lines_is_located_where_it_starts(tmp_path):
+    path = tmp_path / "multi.csv"
+    path.write_text('prompt,answer\n,"multi\nline\nanswer"\nok,1\n')
+    with pytest.raises(DataError, match=r"multi.csv, line 2: no prompt"):
+        load_examples(config(path))
+    path.write_text('prompt,answer\n"multi\nline",1\nok,2\n')
+    assert [e.id for e in load_examples(config(path)).examples] == ["multi.csv:2", "multi.csv:4"]

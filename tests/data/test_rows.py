@@ -94,7 +94,7 @@ def test_dpo_conversational_pair_with_implicit_prompt():
         ({"messages": []}, "grpo", "non-empty list"),
         ({"messages": [{"content": "x"}]}, "grpo", r"message \[0\] must be an object with a string 'role'"),
         ({"messages": "[oops"}, "grpo", "'messages' is a string but not valid JSON"),
-        ({"prompt": ["a"]}, "grpo", "column 'prompt' must be a string, got list"),
+        ({"prompt": ["a"]}, "grpo", r"column 'prompt': message \[0\] must be an object with a string 'role'"),
         ({"prompt": "p", "answer": [1, 2]}, "grpo", "answer.*must be a string or a number"),
         ({"prompt": "p", "id": 1.5}, "grpo", "row id.*float"),
         ({"prompt": "p", "tools": "{bad"}, "grpo", "'tools' is a string but not valid JSON"),
