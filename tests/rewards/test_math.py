@@ -171,3 +171,28 @@ def test_unresponsive_worker_is_killed_and_replaced():
         assert verifier.worker_pids() != [pid]
     finally:
         verifier.close()
+
+
+@pytest.mark.parametrize(
+    "response, gold, expected",
+    [
+        # a gold that starts with a capital letter is not a choice unless the letter stands alone
+        # or is marked: the variable name alone must not earn the reward
+        (r"\boxed{A = 13}", "A = 12", 0.0),
+        (r"\boxed{F = 99 N}", "F = 10 N", 0.0),
+        (r"\boxed{A \cap B}", r"A \cup B", 0.0),
+        (r"\boxed{C}", r"C = 2\pi r", 0.0),
+        (r"\boxed{12}", "A = 12", 1.0),
+        # hedging between options picks none
+        (r"\boxed{B \text{ or } C}", "B", 0.0),
+        (r"\boxed{A B C D}", "A", 0.0),
+        (r"\boxed{A) 3, B) 4}", "A", 0.0),
+        (r"\boxed{(B) or C}", "B", 0.0),
+        # real choices still score, with option text (articles included)
+        (r"\boxed{(B) A triangle}", "(B) A triangle", 1.0),
+        (r"\boxed{(B) 42}", "B", 1.0),
+        ("The answer is (C).", "C", 1.0),
+    ],
+)
+def test_capital_letter_answers_and_hedged_choices(response, gold, expected):
+    assert math_reward.score(response, gold) == expected

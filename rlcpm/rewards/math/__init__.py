@@ -41,7 +41,7 @@ def score(
         return 0.0
     gold_choice = choice_letter(gold) if len(gold) <= 16 else None
     if gold_choice is not None:
-        return float(choice_letter(pred) == gold_choice)
+        return float(choice_letter(pred, single=True) == gold_choice)
     if _normalized(pred) == _normalized(gold):
         return 1.0
     return float((verifier or default_verifier()).is_equivalent(pred, gold, timeout_s))

@@ -8,7 +8,11 @@ import re
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 _ANSWER_IS = re.compile(r"(?:final\s+answer|answer)\s*(?:is|:|=)\s*:?\s*(.+)", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
-_CHOICE = re.compile(r"^\(?([A-J])\)?(?:[.:)]|\s|$)")
+# A choice is a letter alone, or a marked letter ("(B)", "B.", "B)", "B:") before its option text.
+# "A = 12", "C = 2\pi r" or "A \cup B" are not choices: a bare letter must stand alone.
+_CHOICE = re.compile(r"^(?:\(([A-J])\)|([A-J])[.:)]|([A-J])$)")
+# Another option named in a choice's text: "(C)", "C.", "C)" or "or C" / "and C" (not an article "A").
+_ANOTHER_CHOICE = re.compile(r"\([A-J]\)|\b[A-J][.:)](?=\s|$)|\b(?:or|and)\s+\(?[A-J]\b")
 _TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\{([^{}]*)\}")
 
 
@@ -60,11 +64,18 @@ def last_boxed(text: str) -> str | None:
     return None  # unbalanced: the response was cut inside the box
 
 
-def choice_letter(text: str) -> str | None:
-    """`B`, `(B)`, `B.`, `\\text{(B)}`, `(B) 42` -> "B"; None if the text is not a choice A-J."""
-    text = _TEXT_WRAPPER.sub(r"\1", text.strip().strip("$").strip())
-    match = _CHOICE.match(text.strip())
-    return match.group(1) if match else None
+def choice_letter(text: str, single: bool = False) -> str | None:
+    """`B`, `(B)`, `B.`, `\\text{(B)}`, `(B) 42` -> "B"; None if the text is not a choice A-J.
+
+    single: also None when the option text names another choice ("A) 3, B) 4", "B or C"): a
+    prediction that hedges between options picks none."""
+    text = _TEXT_WRAPPER.sub(r"\1", text.strip().strip("$").strip()).strip()
+    match = _CHOICE.match(text)
+    if match is None:
+        return None
+    if single and _ANOTHER_CHOICE.search(text[match.end() :]):
+        return None
+    return next(group for group in match.groups() if group)
 
 
 def _clean(answer: str) -> str:
