@@ -190,3 +190,12 @@ def test_expected_calls_and_tools_as_json_text():
 def test_bad_dataset_rows_raise_reward_error(expected, tools, message):
     with pytest.raises(RewardError, match=message):
         tool_use.score(json.dumps(GOOD_LIMA), expected, tools)
+
+
+def test_calls_drafted_in_the_reasoning_do_not_count_and_deep_nesting_scores_zero():
+    expected = [_call("zip", {"code": "1"})]
+    draft, final = json.dumps(_call("zip", {"code": "2"})), json.dumps(_call("zip", {"code": "1"}))
+    assert tool_use.score(f"<think>Plan: {draft}</think>\n{final}", expected) == 1.0
+    tagged = f"<think><tool_call>{draft}</tool_call></think><tool_call>{final}</tool_call>"
+    assert tool_use.score(tagged, expected) == 1.0
+    assert tool_use.score("[" * 100_000 + "]" * 100_000, expected) == 0.0  # not a RecursionError

@@ -41,7 +41,7 @@ def score(
     specs = normalize_tools(tools) if tools is not None else None
     try:
         calls = parse_tool_calls(response)
-    except MalformedToolCall as err:
+    except (MalformedToolCall, RecursionError) as err:  # RecursionError: JSON nested too deep
         logger.debug("tool_use: malformed call: %s", err)
         return 0.0
     if not calls and not expected:

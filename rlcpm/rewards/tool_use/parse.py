@@ -32,8 +32,13 @@ _FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
 MAX_JSON_STARTS = 64
 
 
+_THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
+
+
 def parse_tool_calls(response: str) -> list[ToolCall]:
-    """Every tool call in `response`, in order; [] when it calls none."""
+    """Every tool call in `response`, in order; [] when it calls none. Reasoning in
+    `<think>...</think>` is not part of the answer: calls drafted there do not count."""
+    response = _THINK.sub("", response)
     if "<tool_call>" in response:
         blocks = _TAGGED.findall(response)
         if response.count("<tool_call>") != len(blocks):
