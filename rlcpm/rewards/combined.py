@@ -149,8 +149,10 @@ def term_components(value: Any) -> tuple[float, dict[str, float]]:
 
 
 def _number(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool | str | bytes) or not isinstance(value, (int, float)):
         try:
+            if isinstance(value, bool | str | bytes):  # float() would take "1" and True
+                raise TypeError
             value = float(value)  # numpy / torch scalars
         except (TypeError, ValueError):
             raise RewardError(

@@ -77,10 +77,11 @@ def reward_metrics(results: Sequence[RewardResult], labels: Sequence[str], prefi
     metrics = summarize(results)
     if prefix != "reward":
         metrics = {prefix + k.removeprefix("reward"): v for k, v in metrics.items()}
-    if not results:
+    kept = [r for r in results if not r.dropped]
+    if not kept:
         return metrics
     for label in labels:
-        values = [r.components.get(label, 0.0) for r in results]
+        values = [r.components.get(label, 0.0) for r in kept]
         metrics[f"{prefix}/{label}_accuracy"] = sum(v >= CORRECT_THRESHOLD for v in values) / len(values)
     metrics[f"{prefix}/accuracy"] = metrics[f"{prefix}/{labels[0]}_accuracy"]  # the headline accuracy
     return metrics

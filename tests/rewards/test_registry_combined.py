@@ -209,12 +209,21 @@ def test_summarize_reward_metrics():
         rlcpm.rewards.RewardResult(0.0, {"math": 0.0, "format": 0.0}, dropped=True, error="boom"),
     ]
     metrics = summarize(results)
-    assert metrics == {
-        "reward/total_mean": 0.5,
-        "reward/total_std": 0.5,
+    assert metrics == {  # the dropped sample trains on nothing: the means leave it out
+        "reward/total_mean": 1.0,
+        "reward/total_std": 0.0,
         "reward/num_errors": 1.0,
         "reward/num_dropped": 1.0,
-        "reward/math_mean": 0.5,
+        "reward/math_mean": 1.0,
         "reward/format_mean": 0.0,
     }
     assert json.dumps(metrics)  # plain floats for the JSONL log
+
+
+@pytest.mark.parametrize("value", ["1", True, b"1"], ids=["str", "bool", "bytes"])
+def test_strings_and_bools_are_not_reward_values(value):
+    name = f"test_returns_{type(value).__name__}"
+    if name not in registered_rewards():
+        rlcpm.reward(name)(lambda sample: value)
+    (result,) = CombinedReward.from_specs([{"name": name}]).score(_samples("x"))
+    assert result.error is not None and type(value).__name__ in result.error and result.total == 0.0
