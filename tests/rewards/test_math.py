@@ -103,6 +103,8 @@ def test_equivalence_verdicts_from_two_threads(verifier):
         (r"\boxed{a} then \boxed{\sqrt{x^{2}}}", r"\sqrt{x^{2}}"),
         (r"The final answer is $\frac{3}{4}$.", r"\frac{3}{4}"),
         ("Answer: 17\nbecause ...", "17"),
+        ("The answer is 42 apples. Then 7 more", "42 apples"),  # its sentence, not the whole line
+        ("The answer is 3.5. Done", "3.5"),
         ("we get 3 then 12/5 in the end", "12/5"),
         ("no digits here", None),
         (r"cut off \boxed{\frac{1}{", None),

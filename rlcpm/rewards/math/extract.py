@@ -7,6 +7,7 @@ import re
 
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 _ANSWER_IS = re.compile(r"(?:final\s+answer|answer)\s*(?:is|:|=)\s*:?\s*(.+)", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"\.\s+(?=[A-Z])")
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
 # A choice is a letter alone, or a marked letter ("(B)", "B.", "B)", "B:") before its option text.
 # "A = 12", "C = 2\pi r" or "A \cup B" are not choices: a bare letter must stand alone.
@@ -36,8 +37,8 @@ def extract_answer(
     if any(command in response for command in _BOX_COMMANDS):
         return None  # the box was cut off (length limit): no stated answer
     stated = list(_ANSWER_IS.finditer(response))
-    if stated:
-        return _clean(stated[-1].group(1).splitlines()[0])
+    if stated:  # up to the end of its line, or of its sentence ("... is 42 apples. Then ...")
+        return _clean(_SENTENCE_END.split(stated[-1].group(1).splitlines()[0])[0])
     if fallback_last_number:
         numbers = _NUMBER.findall(response)
         return numbers[-1] if numbers else None
