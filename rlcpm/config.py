@@ -279,7 +279,9 @@ class RolloutConfig(Section):
     kv_budget_gb: float | None = Field(
         None, gt=0, description="KV cache memory; null: a safe fraction of free memory"
     )
-    max_staleness: int = Field(0, ge=0, description="one-step overlap of rollout and training when 1")
+    max_staleness: int = Field(
+        0, ge=0, description="1: one-step overlap; bounds the sampling weights' lag, not a token's age"
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     speculative: SpeculativeConfig | None = None
 
@@ -317,7 +319,9 @@ class LoraConfig(Section):
     enabled: bool = True
     rank: int = Field(16, gt=0)
     alpha: float = Field(32.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1, description="SFT and DPO; GRPO updates run without dropout (ratio = 1 on-policy)")
+    dropout: float = Field(
+        0.0, ge=0, lt=1, description="SFT and DPO; GRPO updates run without dropout (ratio = 1 on-policy)"
+    )
     targets: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
@@ -402,10 +406,14 @@ class ClusterConfig(Section):
     gpus_per_learner: float = Field(0.0, ge=0)
     reward_workers: int = Field(2, gt=0)
     learner_threads: int | None = Field(
-        None, gt=0, description="torch threads of each learner rank (null: OMP_NUM_THREADS, 1 under rlcpm's own Ray)"
+        None,
+        gt=0,
+        description="torch threads of each learner rank (null: OMP_NUM_THREADS, 1 under rlcpm's own Ray)",
     )
     rollout_threads: int | None = Field(
-        None, gt=0, description="torch threads of each rollout worker (null: OMP_NUM_THREADS, 1 under rlcpm's own Ray)"
+        None,
+        gt=0,
+        description="torch threads of each rollout worker (null: OMP_NUM_THREADS, 1 under rlcpm's own Ray)",
     )
     retain_cpu_memory: bool = Field(
         True,

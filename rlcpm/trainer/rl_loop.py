@@ -121,6 +121,11 @@ class GRPOTrainer:
 
     def fit(self) -> TrainResult:
         total = self.recipe.learner.total_steps
+        if self.recipe.rollout.max_staleness and self.recipe.learner.checkpoint.every_steps == 1:
+            log.warning(
+                "rollout.max_staleness: 1 with learner.checkpoint.every_steps: 1: every step finishes "
+                "its update to checkpoint it, so no step overlaps rollout and training"
+            )
         if self.step == 0 and self.eval_examples:
             self.eval_before = self._evaluate()
             self.monitor.log(0, self.eval_before)
@@ -378,7 +383,9 @@ def group_advantages(groups: list[Group], rewards: torch.Tensor, algo: GRPOConfi
             continue
         advantages[row] = 0.0
         if len(kept) >= 2:
-            advantages[row, kept] = compute_advantages(rewards[row, kept][None], algo.advantage, algo.std_eps)[0]
+            advantages[row, kept] = compute_advantages(
+                rewards[row, kept][None], algo.advantage, algo.std_eps
+            )[0]
     return advantages
 
 
