@@ -30,6 +30,11 @@ class TrainResult:
         return lines
 
 
+def run_dir_of(recipe: Recipe) -> Path:
+    """Where a run writes: `run_dir`, else runs/<algorithm>."""
+    return Path(recipe.run_dir or f"runs/{recipe.algorithm.name}")
+
+
 def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     """Run a recipe to the end; `resume=True` continues from the last checkpoint in run_dir.
 
@@ -39,7 +44,7 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     from rlcpm.trainer.preflight import check_run
 
     setup_logging(recipe.logging.level)
-    check_run(recipe, resume, default_run_dir=f"runs/{recipe.algorithm.name}")
+    check_run(recipe, resume)
     if recipe.algorithm.name == "grpo":
         from rlcpm.trainer.rl_loop import train_grpo
 
@@ -49,4 +54,4 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     return train_offline(recipe, resume=resume)
 
 
-__all__ = ["TrainResult", "train"]
+__all__ = ["TrainResult", "run_dir_of", "train"]

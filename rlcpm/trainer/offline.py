@@ -26,7 +26,7 @@ from rlcpm.learner.model_source import resolve_model_dir
 from rlcpm.learner.offline_data import step_indices, tokenize_demonstrations, tokenize_preferences
 from rlcpm.models import load_tokenizer
 from rlcpm.monitor import Monitor, setup_logging
-from rlcpm.trainer import TrainResult
+from rlcpm.trainer import TrainResult, run_dir_of
 
 log = logging.getLogger("rlcpm.trainer")
 TOKENIZER_FILES = (
@@ -44,7 +44,7 @@ def train_offline(recipe: Recipe, resume: bool = False) -> TrainResult:
     if not isinstance(algo, SFTConfig | DPOConfig):
         raise TrainingError(f"train_offline runs algorithm sft or dpo, not {algo.name!r}")
     setup_logging(recipe.logging.level)
-    run_dir = Path(recipe.run_dir or f"runs/{algo.name}")
+    run_dir = run_dir_of(recipe)
     model_dir = resolve_model_dir(recipe.model, run_dir)
     tokenizer = load_tokenizer(recipe.model.tokenizer or model_dir)
     items = _load_items(recipe, tokenizer)

@@ -18,15 +18,22 @@ from rlcpm.learner.checkpoint import list_checkpoints
 log = logging.getLogger("rlcpm.trainer")
 
 
-def check_run(recipe: Recipe, resume: bool, default_run_dir: str) -> None:
+def check_run(recipe: Recipe, resume: bool) -> None:
     """Everything below, in order; the first problem raises."""
-    check_run_dir(Path(recipe.run_dir or default_run_dir), resume, recipe.learner.total_steps)
+    from rlcpm.trainer import run_dir_of
+
+    check_run_dir(run_dir_of(recipe), resume, recipe.learner.total_steps)
     check_model_source(recipe)
     check_data_paths(recipe)
+    check_rewards(recipe)
+
+
+def check_rewards(recipe: Recipe) -> None:
+    """Every reward resolves: unknown names and bad kwargs raise with a did-you-mean."""
     if recipe.rewards:
         from rlcpm.rewards import resolve_terms
 
-        resolve_terms(recipe.rewards)  # unknown names and bad kwargs raise with a did-you-mean
+        resolve_terms(recipe.rewards)
 
 
 def check_run_dir(run_dir: Path, resume: bool, total_steps: int) -> None:

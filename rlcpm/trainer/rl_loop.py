@@ -30,7 +30,7 @@ from rlcpm.learner import RLBatch, compute_advantages, kl_penalized_rewards
 from rlcpm.learner.checkpoint import checkpoint_path, latest_checkpoint, prune_checkpoints
 from rlcpm.learner.model_source import resolve_model_dir
 from rlcpm.monitor import Monitor, setup_logging
-from rlcpm.trainer import TrainResult
+from rlcpm.trainer import TrainResult, run_dir_of
 from rlcpm.trainer.chunk_scheduler import ChunkScheduler, PromptStream
 from rlcpm.trainer.cluster import ensure_ray
 from rlcpm.trainer.evaluation import evaluate
@@ -58,7 +58,7 @@ class GRPOTrainer:
             raise TrainingError(f"GRPOTrainer runs algorithm grpo, not {recipe.algorithm.name!r}")
         setup_logging(recipe.logging.level)
         self.recipe, self.algo = recipe, recipe.algorithm
-        self.run_dir = Path(recipe.run_dir or "runs/grpo")
+        self.run_dir = run_dir_of(recipe)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "recipe.yaml").write_text(recipe.to_yaml())
         self.started_ray = ensure_ray(recipe.cluster)

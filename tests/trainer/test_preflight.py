@@ -40,27 +40,27 @@ def test_a_fresh_run_refuses_a_run_dir_with_checkpoints(tmp_path):
     fake_checkpoint(tmp_path, 2)
     with pytest.raises(TrainingError, match=r"step_00000002\); continue it with --resume"):
         train(recipe(tmp_path))  # raises before Ray or a model starts
-    check_run(recipe(tmp_path), resume=True, default_run_dir="runs/grpo")  # resuming it is fine
+    check_run(recipe(tmp_path), resume=True)  # resuming it is fine
 
 
 def test_resume_warns_when_there_is_nothing_to_resume_or_nothing_left(tmp_path, rlcpm_log):
     caplog = rlcpm_log
-    check_run(recipe(tmp_path), resume=True, default_run_dir="runs/grpo")
+    check_run(recipe(tmp_path), resume=True)
     assert "no checkpoint under" in caplog.text
     fake_checkpoint(tmp_path, 3)
-    check_run(recipe(tmp_path), resume=True, default_run_dir="runs/grpo")
+    check_run(recipe(tmp_path), resume=True)
     assert "nothing left to train" in caplog.text
 
 
 def test_missing_model_tokenizer_data_and_rewards_are_named(tmp_path):
     with pytest.raises(CheckpointError, match="model directory not found: /nope"):
-        check_run(recipe(tmp_path, model={"path": "/nope"}), False, "runs/grpo")
+        check_run(recipe(tmp_path, model={"path": "/nope"}), False)
     with pytest.raises(DataError, match="model.tokenizer: directory not found: /nope"):
-        check_run(recipe(tmp_path, **{"model.tokenizer": "/nope"}), False, "runs/grpo")
+        check_run(recipe(tmp_path, **{"model.tokenizer": "/nope"}), False)
     with pytest.raises(DataError, match="data.train: dataset path not found"):
-        check_run(recipe(tmp_path, **{"data.train": str(tmp_path / "none.jsonl")}), False, "runs/grpo")
+        check_run(recipe(tmp_path, **{"data.train": str(tmp_path / "none.jsonl")}), False)
     with pytest.raises(RewardError, match="did you mean 'math'"):
-        check_run(recipe(tmp_path, rewards=[{"name": "mathh"}]), False, "runs/grpo")
+        check_run(recipe(tmp_path, rewards=[{"name": "mathh"}]), False)
 
 
 def test_model_path_and_tiny_together_and_a_negative_eval_temperature_are_recipe_errors(tmp_path):
