@@ -9,11 +9,11 @@ Both implement the same contract (rlcpm.models.attention.AttentionBackend):
 - packed with shared prefixes (`meta.prefix_seq`): a sequence continuing prefix p sees every
   key of p, then its own keys causally (one prompt, stored once, for all its responses).
 
-`dense` pads a batch of similar-length sequences into [S, max_len] with one scatter and runs
-one `scaled_dot_product_attention` call (padded query rows are computed and dropped); when
-padding would more than double the work (ragged lengths) it runs one call per sequence
-instead. No Python loop over tokens. `reference` loops over sequences and spells the mask
-out; it is the oracle in tests.
+`dense` groups the sequences by length (`length_buckets`: similar lengths together, at most
+1.25x padded work per group) and runs one `scaled_dot_product_attention` call per group over
+the group padded to its longest (padded query rows are computed and dropped). No Python loop
+over tokens. `reference` loops over sequences and spells the mask out; it is the oracle in
+tests.
 """
 
 from __future__ import annotations
@@ -78,44 +78,111 @@ def paged_visibility(meta: AttentionMetadata) -> torch.Tensor:
     return meta.cached("paged_visibility", build)
 
 
-def _padded_index(meta: AttentionMetadata) -> torch.Tensor | None:
-    """[T] row of each token in the padded [S * max_q] layout; None when nothing is padded."""
+@dataclass
+class _Bucket:
+    """Sequences attended in one padded SDPA call (layer-invariant; built once per forward)."""
 
-    def build() -> torch.Tensor | None:
-        if meta.num_tokens == meta.num_seqs * meta.max_seqlen_q:
-            return None
-        return meta.seq_ids() * meta.max_seqlen_q + meta.offsets_in_seq()
-
-    return meta.cached("padded_index", build)
-
-
-def _pad(x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-    """[T, H, D] -> [S, H, max_q, D] (zeros in padded rows)."""
-    index = _padded_index(meta)
-    rows = meta.num_seqs * meta.max_seqlen_q
-    if index is not None:
-        x = x.new_zeros(rows, *x.shape[1:]).index_copy(0, index, x)
-    return x.view(meta.num_seqs, meta.max_seqlen_q, *x.shape[1:]).transpose(1, 2)
+    rows: torch.Tensor | slice  # packed rows of its sequences' new tokens, in order
+    padded_index: torch.Tensor | None  # [Tb] row of each token in [C * width]; None: no padding
+    num_seqs: int  # C
+    width: int  # the most new tokens of one of its sequences
+    fresh: bool  # every sequence attends to its own new tokens only: causal, nothing cached read
+    block_table: torch.Tensor | None = None  # [C, nb] cache blocks (sequences with cached context)
+    visible: torch.Tensor | None = None  # [C, 1, width, Lk] paged visibility (idem)
 
 
-def _unpad(x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-    """[S, H, max_q, D] -> [T, H, D]."""
-    x = x.transpose(1, 2).reshape(meta.num_seqs * meta.max_seqlen_q, *x.shape[1:2], x.shape[-1])
-    index = _padded_index(meta)
-    return x if index is None else x.index_select(0, index)
+@dataclass
+class _BucketPlan:
+    buckets: list[_Bucket]
+    inverse: torch.Tensor | None  # [T] row of each token in cat(bucket outputs); None: same order
 
 
-def is_padding_cheap(meta: AttentionMetadata) -> bool:
-    """Batch all sequences in one padded SDPA call when that does at most twice the real work
-    (query x key pairs); otherwise loop over sequences (ragged lengths: no quadratic waste)."""
+def length_buckets(new_lens: list[int], key_lens: list[int], max_padding: float = 1.25) -> list[list[int]]:
+    """Sequence indices grouped for padded attention calls, each group padded to its own longest.
 
-    def decide() -> bool:
+    Sorted by key count (then new tokens), longest first; a group takes the next sequence while
+    its padded work (sequences x widest x most keys) stays within ``max_padding`` times its real
+    work (sum of new tokens x keys). Similar lengths share one call; a ragged batch (a few long
+    carried-over prefixes beside many short prompts) costs a few calls, not one per sequence
+    and not all padded to the longest."""
+    order = sorted(range(len(new_lens)), key=lambda s: (key_lens[s], new_lens[s]), reverse=True)
+    groups: list[list[int]] = []
+    width = most_keys = real = 0
+    for s in order:
+        n, keys = new_lens[s], key_lens[s]
+        if groups:
+            grown_width = max(width, n)
+            padded = (len(groups[-1]) + 1) * grown_width * most_keys
+            if padded <= max_padding * (real + n * keys):
+                groups[-1].append(s)
+                width, real = grown_width, real + n * keys
+                continue
+        groups.append([s])
+        width, most_keys, real = n, keys, n * keys
+    return groups
+
+
+def _bucket_plan(meta: AttentionMetadata, kv_cache: PagedKVCache | None, dtype: torch.dtype) -> _BucketPlan:
+    """Split a forward's sequences into length buckets (see `length_buckets`). Without a cache
+    every sequence is fresh; with one, a sequence whose every cached key is new this step is
+    fresh when the cache stores k/v exactly (its dtype is ``dtype``): nothing is gathered back."""
+    reuse_new_kv = kv_cache is None or kv_cache.dtype == dtype
+
+    def build() -> _BucketPlan:
+        device = meta.cu_seqlens_q.device
         n = meta.seq_lens_q.tolist()
+        cu = meta.cu_seqlens_q.tolist()
         keys = meta.context_lens.tolist() if meta.has_cache else n
-        padded = len(n) * max(n) * max(keys)
-        return padded <= 2 * sum(a * b for a, b in zip(n, keys))
+        fresh = [keys[s] == n[s] and reuse_new_kv for s in range(len(n))]
+        groups = []
+        for kind in (True, False):
+            members = [s for s in range(len(n)) if fresh[s] == kind]
+            groups += [(kind, [members[i] for i in group]) for group in
+                       length_buckets([n[s] for s in members], [keys[s] for s in members])]  # fmt: skip
+        buckets = []
+        for is_fresh, seqs in groups:
+            width = max(n[s] for s in seqs)
+            contiguous = seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+            if contiguous:
+                rows: torch.Tensor | slice = slice(cu[seqs[0]], cu[seqs[-1] + 1])
+            else:
+                rows = torch.cat([torch.arange(cu[s], cu[s + 1], device=device) for s in seqs])
+            padded_index = None
+            if any(n[s] != width for s in seqs):
+                padded_index = torch.cat(
+                    [torch.arange(n[s], device=device) + i * width for i, s in enumerate(seqs)]
+                )
+            bucket = _Bucket(rows, padded_index, len(seqs), width, is_fresh)
+            if not is_fresh:
+                index = torch.tensor(seqs, dtype=torch.long, device=device)
+                most_keys = max(keys[s] for s in seqs)
+                num_blocks = -(-most_keys // kv_cache.block_size)
+                bucket.block_table = meta.block_tables[index, :num_blocks].clamp(min=0).long()
+                bucket.visible = paged_visibility(meta)[index, :width, :most_keys][:, None]
+            buckets.append(bucket)
+        order = [s for _, seqs in groups for s in seqs]
+        inverse = None
+        if order != sorted(order):
+            rows = torch.cat([torch.arange(cu[s], cu[s + 1], device=device) for s in order])
+            inverse = torch.empty_like(rows)
+            inverse[rows] = torch.arange(rows.numel(), device=device)
+        return _BucketPlan(buckets, inverse)
 
-    return meta.cached("is_padding_cheap", decide)
+    return meta.cached(f"bucket_plan_{reuse_new_kv}", build)
+
+
+def _pad_bucket(x: torch.Tensor, bucket: _Bucket) -> torch.Tensor:
+    """[T, H, D] packed tokens -> [C, H, width, D] of the bucket's sequences (zeros after each end)."""
+    x = x[bucket.rows]
+    if bucket.padded_index is not None:
+        x = x.new_zeros(bucket.num_seqs * bucket.width, *x.shape[1:]).index_copy(0, bucket.padded_index, x)
+    return x.view(bucket.num_seqs, bucket.width, *x.shape[1:]).transpose(1, 2)
+
+
+def _unpad_bucket(x: torch.Tensor, bucket: _Bucket) -> torch.Tensor:
+    """[C, H, width, D] -> [Tb, H, D] in the bucket's token order."""
+    x = x.transpose(1, 2).reshape(bucket.num_seqs * bucket.width, *x.shape[1:2], x.shape[-1])
+    return x if bucket.padded_index is None else x.index_select(0, bucket.padded_index)
 
 
 @dataclass
@@ -198,8 +265,10 @@ def lower_right_causal_mask(num_queries: int, num_keys: int, device) -> torch.Te
 class DenseAttention(AttentionBackend):
     """Exact causal attention with torch `scaled_dot_product_attention`.
 
-    Batched over sequences when their lengths are similar (padded rows are computed and
-    dropped), one call per sequence when padding would more than double the work.
+    Sequences are grouped by length (`length_buckets`): one SDPA call per group of similar
+    lengths, padded rows computed and dropped. A sequence with no earlier cached context
+    (training, a fresh prefill) attends causally to its own new keys; one that continues a
+    cached context reads its keys back from the paged cache under an explicit mask.
     """
 
     supports_shared_prefix = True
@@ -207,21 +276,27 @@ class DenseAttention(AttentionBackend):
     def forward(self, q, k, v, meta, layer_idx, kv_cache=None):
         if kv_cache is None and meta.prefix_seq is not None:
             return self._with_shared_prefixes(q, k, v, meta, layer_idx)
-        if kv_cache is None:
-            if meta.num_seqs == 1 or not is_padding_cheap(meta):
-                return self._per_sequence(q, k, v, meta)
-            # Ragged sequences padded at their ends: causal masking keeps the real rows exact.
-            out = self._sdpa(_pad(q, meta), _pad(k, meta), _pad(v, meta), is_causal=True)
-            return _unpad(out, meta)
-        kv_cache.write(layer_idx, k, v, meta.slot_mapping)
-        if not is_padding_cheap(meta):
-            return self._per_sequence_cached(q, kv_cache, layer_idx, meta)
-        k_ctx, v_ctx = gather_cached_kv(kv_cache, layer_idx, meta)  # [S, Lk, Hkv, D]
-        k_ctx, v_ctx = k_ctx.to(q.dtype).transpose(1, 2), v_ctx.to(q.dtype).transpose(1, 2)
-        mask = paged_visibility(meta)[:, None]  # [S, 1, max_q, Lk]
-        if meta.is_decode:  # one new token per sequence: no padding, q [S, Hq, 1, D]
-            return self._sdpa(q[:, :, None], k_ctx, v_ctx, attn_mask=mask)[:, :, 0]
-        return _unpad(self._sdpa(_pad(q, meta), k_ctx, v_ctx, attn_mask=mask), meta)
+        if kv_cache is not None:
+            kv_cache.write(layer_idx, k, v, meta.slot_mapping)
+        plan = _bucket_plan(meta, kv_cache, q.dtype)
+        outs = [self._attend_bucket(q, k, v, bucket, kv_cache, layer_idx) for bucket in plan.buckets]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return out if plan.inverse is None else out.index_select(0, plan.inverse)
+
+    def _attend_bucket(self, q, k, v, bucket: _Bucket, kv_cache: PagedKVCache | None, layer_idx: int):
+        """Attention of one bucket's new tokens -> [Tb, Hq, D] in the bucket's token order."""
+        q_pad = _pad_bucket(q, bucket)  # [C, Hq, width, D]
+        if bucket.fresh:  # padding sits after each sequence's end: causal masking keeps real rows exact
+            out = self._sdpa(q_pad, _pad_bucket(k, bucket), _pad_bucket(v, bucket), is_causal=True)
+        else:
+            table = bucket.block_table
+            num_keys = bucket.visible.shape[-1]
+            keys, values = (
+                cache[layer_idx][table].flatten(1, 2)[:, :num_keys].to(q.dtype).transpose(1, 2)
+                for cache in (kv_cache.k, kv_cache.v)
+            )  # [C, Hkv, Lk, D]
+            out = self._sdpa(q_pad, keys, values, attn_mask=bucket.visible)
+        return _unpad_bucket(out, bucket)
 
     def _sdpa(self, q, k, v, **kwargs):
         return F.scaled_dot_product_attention(q, k, v, scale=self.scale, enable_gqa=True, **kwargs)
@@ -260,33 +335,6 @@ class DenseAttention(AttentionBackend):
         keys = torch.cat([k_prefix.expand(count, *k_prefix.shape), k], dim=1).transpose(1, 2)
         values = torch.cat([v_prefix.expand(count, *v_prefix.shape), v], dim=1).transpose(1, 2)
         return self._sdpa(q.transpose(1, 2), keys, values, attn_mask=mask).transpose(1, 2)
-
-    def _per_sequence(self, q, k, v, meta):
-        """Causal attention of each packed sequence on its own: [T, H, D] -> [T, Hq, D]."""
-        lens = meta.seq_lens_q.tolist()
-        outs = [
-            self._sdpa(qs.transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1), is_causal=True).transpose(
-                0, 1
-            )
-            for qs, ks, vs in zip(q.split(lens), k.split(lens), v.split(lens))
-        ]
-        return torch.cat(outs)
-
-    def _per_sequence_cached(self, q, kv_cache, layer_idx, meta):
-        """Each sequence's n new queries against its own cached keys (no cross-sequence padding)."""
-        lens = meta.seq_lens_q.tolist()
-        contexts = meta.context_lens.tolist()
-        block_size = kv_cache.block_size
-        outs = []
-        for s, (qs, n, ctx) in enumerate(zip(q.split(lens), lens, contexts)):
-            blocks = meta.block_tables[s, : -(-ctx // block_size)].long()
-            ks = (
-                kv_cache.k[layer_idx][blocks].flatten(0, 1)[:ctx].to(q.dtype).transpose(0, 1)
-            )  # [Hkv, ctx, D]
-            vs = kv_cache.v[layer_idx][blocks].flatten(0, 1)[:ctx].to(q.dtype).transpose(0, 1)
-            visible = lower_right_causal_mask(n, ctx, q.device)  # [n, ctx]
-            outs.append(self._sdpa(qs.transpose(0, 1), ks, vs, attn_mask=visible).transpose(0, 1))
-        return torch.cat(outs)
 
 
 class ReferenceAttention(AttentionBackend):

@@ -91,15 +91,18 @@ def test_paged_metadata_slot_mapping_by_hand():
     assert AttentionMetadata.paged([1, 1], [3, 9], [[1], [2, 3, 4]], block_size=4).is_decode
 
 
-def test_dense_backend_path_choice_by_hand():
-    from rlcpm.models.dense_attention import is_padding_cheap
+def test_length_buckets_by_hand():
+    from rlcpm.models.dense_attention import length_buckets
 
-    # 3 sequences, 1/9/1 new tokens, contexts 1/9/1: padded 3*9*9 = 243 pairs > 2 * (1 + 81 + 1).
-    assert not is_padding_cheap(AttentionMetadata.paged([1, 9, 1], [1, 9, 1], [[0], [1, 2, 3], [4]], 4))
-    # Decode with similar contexts: padded 3*1*12 = 36 <= 2 * (10 + 12 + 11).
-    assert is_padding_cheap(AttentionMetadata.paged([1, 1, 1], [10, 12, 11], [[0, 1, 2]] * 3, 4))
-    assert not is_padding_cheap(AttentionMetadata.packed([7, 1, 19, 4, 12]))
-    assert is_padding_cheap(AttentionMetadata.packed([9, 11, 10, 11]))
+    # Ragged training lengths: padding any two together costs > 1.25x their real work.
+    assert length_buckets([7, 1, 19, 4, 12], [7, 1, 19, 4, 12]) == [[2], [4], [0], [3], [1]]
+    # Similar lengths share one call: padded 4 * 11 * 11 = 484 <= 1.25 * (81 + 121 + 100 + 121).
+    assert length_buckets([9, 11, 10, 11], [9, 11, 10, 11]) == [[1, 3, 2, 0]]
+    # Decode steps (one new token) over similar contexts: one call, longest context first.
+    assert length_buckets([1, 1, 1], [10, 12, 11]) == [[1, 2, 0]]
+    # Two long carried-over prefixes beside short prompts: two calls, not one per sequence and
+    # not the short ones padded to 300.
+    assert length_buckets([300, 12, 12, 280, 12], [300, 12, 12, 280, 12]) == [[0, 3], [1, 2, 4]]
 
 
 def test_negative_slots_are_not_stored():

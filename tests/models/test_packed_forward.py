@@ -9,6 +9,7 @@ from rlcpm.models import AttentionMetadata
 
 LENGTHS = [7, 1, 19, 4, 12]  # ragged: the dense backend runs one attention call per sequence
 SIMILAR = [9, 11, 10, 11]  # similar: the dense backend runs one padded call for all
+BUCKETED = [30, 3, 4, 28, 3, 29]  # dense: calls for {30, 29, 28} (padded), {4}, {3, 3}, out of order
 
 
 def _packed_and_single(model, seqs):
@@ -21,7 +22,7 @@ def _packed_and_single(model, seqs):
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "minicpm"])
 @pytest.mark.parametrize("backend", ["dense", "reference"])
-@pytest.mark.parametrize("lengths", [LENGTHS, SIMILAR], ids=["ragged", "similar"])
+@pytest.mark.parametrize("lengths", [LENGTHS, SIMILAR, BUCKETED], ids=["ragged", "similar", "bucketed"])
 def test_packed_equals_per_sequence(model_type, backend, lengths, make_model, random_ids):
     model = make_model(model_type, num_key_value_heads=2)
     model.set_attention_backend(backend)
@@ -54,7 +55,7 @@ def test_default_positions_restart_per_sequence(make_model, random_ids):
     assert torch.equal(implicit, explicit)
 
 
-@pytest.mark.parametrize("lengths", [LENGTHS, SIMILAR], ids=["ragged", "similar"])
+@pytest.mark.parametrize("lengths", [LENGTHS, SIMILAR, BUCKETED], ids=["ragged", "similar", "bucketed"])
 def test_packed_gradients_equal_per_sequence_gradients(lengths, make_model, random_ids):
     model = make_model("qwen2").train()
     seqs = [random_ids(n, seed=i) for i, n in enumerate(lengths)]
