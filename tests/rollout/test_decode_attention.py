@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from rlcpm.rollout import Request, SamplingParams
-from rlcpm.rollout.decode_attention import MirroredDecodeAttention
+from rlcpm.rollout.decode_attention import MirroredDecodeAttention, split_rows
 
 
 def test_mirror_rows_are_loaded_once_and_moved_only_when_sequences_leave(make_engine, prompts):
@@ -43,6 +43,36 @@ def test_mirrored_and_plain_paged_attention_agree_with_prefill_chunks_mixed_in(m
         outputs[mirror] = engine.generate([Request(i, p, params[i]) for i, p in enumerate(batch)])
         if mirror:  # sequences joined and left at different steps: rows were loaded and moved
             assert engine.runner.decode_backend.num_row_moves > 0
+    for with_mirror, plain in zip(outputs[True], outputs[False]):
+        assert with_mirror.token_ids == plain.token_ids
+        torch.testing.assert_close(
+            torch.tensor(with_mirror.logprobs), torch.tensor(plain.logprobs), rtol=0, atol=1e-5
+        )
+
+
+def test_split_rows_by_hand():
+    assert split_rows([10, 10, 10]) == [(0, 3)]  # nothing padded: one call
+    # long rows first, then short ones: 2 x 500 + 3 x 20 keys instead of 5 x 500
+    assert split_rows([500, 490, 20, 15, 10]) == [(0, 2), (2, 5)]
+    # lengths falling steadily: three ranges each save >= 10% of the 8 x 500 padded keys
+    assert split_rows([500, 400, 300, 200, 100, 50, 40, 30]) == [(0, 2), (2, 4), (4, 8)]
+    assert split_rows([450, 500, 480]) == [(0, 3)]  # saving < 10%
+    assert split_rows([7]) == [(0, 1)]
+
+
+def test_rows_of_very_different_lengths_attend_in_ranges_with_the_plain_results(make_engine, prompts):
+    """Long carried-over sequences next to new short ones (chunked rollout) are split into row
+    ranges, each attending over its own longest context; tokens and log-probs are unchanged."""
+    long_prompts = prompts(n=3, seed=16, min_len=150, max_len=200)
+    short_prompts = prompts(n=5, seed=17, min_len=3, max_len=8)
+    batch = [*short_prompts, *long_prompts]  # loaded longest first whatever the batch order
+    params = [SamplingParams(max_new_tokens=12, temperature=1.0, seed=s, ignore_eos=True) for s in range(8)]
+    outputs = {}
+    for mirror in (True, False):
+        engine = make_engine("llama", max_num_seqs=8, max_num_batched_tokens=2048, decode_mirror=mirror)
+        outputs[mirror] = engine.generate([Request(i, p, params[i]) for i, p in enumerate(batch)])
+        if mirror:
+            assert engine.runner.decode_backend.num_split_steps > 0
     for with_mirror, plain in zip(outputs[True], outputs[False]):
         assert with_mirror.token_ids == plain.token_ids
         torch.testing.assert_close(
