@@ -184,7 +184,9 @@ class FusedDecoder:
         hidden = hidden + (attn if self.residual_scale == 1.0 else attn * self.residual_scale)
         gate_up = layer.gate_up(_norm(hidden, layer.post_norm))  # [T, 2 I]
         gate, up = gate_up[:, : self.intermediate_size], gate_up[:, self.intermediate_size :]
-        mlp = layer.down_proj(F.silu(gate) * up)
+        # silu over the strided half of gate_up runs ~5x slower than over a contiguous copy (CPU)
+        act = F.silu(gate.contiguous(), inplace=True).mul_(up)
+        mlp = layer.down_proj(act)
         return hidden + (mlp if self.residual_scale == 1.0 else mlp * self.residual_scale)
 
 
