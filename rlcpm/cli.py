@@ -93,13 +93,22 @@ def _validate(args) -> int:
     """Print the resolved recipe; exit 2 on a schema problem or a reward that does not resolve.
     Paths missing on this machine are notes only: a recipe may be meant for another one."""
     from rlcpm.config import load_recipe
-    from rlcpm.trainer.preflight import check_data_paths, check_model_source, check_rewards
+    from rlcpm.trainer.preflight import (
+        check_data_paths,
+        check_model_source,
+        check_rewards,
+        check_sparse_attention,
+    )
 
     recipe = load_recipe(args.recipe, args.overrides)
     try:
         check_rewards(recipe)
     except RlcpmError as err:
         raise RecipeError([f"rewards: {err}"], source=args.recipe) from err
+    try:
+        check_sparse_attention(recipe)
+    except RecipeError as err:
+        raise RecipeError(err.problems, source=args.recipe) from err
     print(recipe.to_yaml(), end="")
     for check in (check_model_source, check_data_paths):
         try:

@@ -71,14 +71,19 @@ class ModelConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     attention: Literal["dense", "sparse"] = "dense"
     sparse_attention: SparseAttentionConfig | None = Field(
-        None, description="overrides the checkpoint's sparse_config; used when attention: sparse"
+        None,
+        description="overrides the checkpoint's sparse_config key by key (unset keys keep the "
+        "checkpoint's values, else MiniCPM4's defaults); used when attention: sparse",
     )
     gradient_checkpointing: bool = False
     chat_template: str | None = Field(None, description="Jinja chat template overriding the tokenizer's")
 
     def sparse_config_override(self) -> dict | None:
-        """The recipe's InfLLM v2 settings for load_model / the engine (None: the checkpoint's own)."""
-        return self.sparse_attention.model_dump() if self.sparse_attention is not None else None
+        """The InfLLM v2 keys the recipe sets, for load_model / the engine to merge over the
+        checkpoint's `sparse_config` (None: the checkpoint's own)."""
+        if self.sparse_attention is None:
+            return None
+        return self.sparse_attention.model_dump(exclude_unset=True)
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:

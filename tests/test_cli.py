@@ -88,6 +88,13 @@ def test_validate_fails_on_an_unknown_reward_and_notes_paths_missing_here(capsys
     assert "note: on this machine, data.train: dataset path not found: /nowhere/train.jsonl" in capsys.readouterr().err
 
 
+def test_validate_fails_on_sparse_settings_the_engine_cannot_page(capsys):
+    quickstart = str(ROOT / "recipes" / "quickstart.yaml")
+    stride_3 = "model.sparse_attention={kernel_size: 6, kernel_stride: 3, block_size: 12, window_size: 24}"
+    assert main(["validate", quickstart, "model.attention=sparse", stride_3]) == 2
+    assert "model.sparse_attention: sparse attention: the engine's KV block_size (16)" in capsys.readouterr().err
+
+
 def test_a_run_reports_its_held_out_accuracy_before_and_after():
     from rlcpm.trainer import TrainResult
 

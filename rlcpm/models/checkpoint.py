@@ -17,6 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from rlcpm.errors import CheckpointError
+from rlcpm.kernels.infllm_v2.config import InfLLMv2Config
 from rlcpm.models.config import ModelConfig
 from rlcpm.models.transformer import CausalLM
 
@@ -118,8 +119,8 @@ def load_model(
     """Load a HF directory (llama, qwen2, qwen3, minicpm) into a CausalLM in eval mode.
 
     dtype: None/"auto" keeps the checkpoint's `torch_dtype`. attention: backend name.
-    sparse_config: InfLLM v2 settings replacing the checkpoint's `sparse_config` (recipe's
-    `model.sparse_attention`); used by attention="sparse".
+    sparse_config: InfLLM v2 settings overriding the checkpoint's `sparse_config` key by key
+    (recipe's `model.sparse_attention`; unknown keys raise); used by attention="sparse".
     A config.json with a `quantization_config` (a packed BitCPM ternary export) is loaded by
     rlcpm.quant.loading: its decoder linears become TernaryLinear layers.
     Raises CheckpointError naming the file and tensor for missing / unexpected / misshapen
@@ -127,11 +128,11 @@ def load_model(
     """
     config = read_config(path)
     if sparse_config is not None:
-        config.sparse_config = dict(sparse_config)
+        config.sparse_config = InfLLMv2Config.merged(config.sparse_config, sparse_config)
     if config.extra.get("quantization_config") is not None:  # packed weights: rlcpm.quant knows the format
         from rlcpm.quant.loading import load_quantized_model
 
-        return load_quantized_model(path, dtype, device, attention, sparse_config=config.sparse_config)
+        return load_quantized_model(path, dtype, device, attention, sparse_config=sparse_config)
     config.attention = attention
     dtype = resolve_dtype(dtype, config.torch_dtype)
     config.torch_dtype = dtype

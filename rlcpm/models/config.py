@@ -213,8 +213,8 @@ class ModelConfig:
             out.update(
                 scale_emb=self.scale_emb, scale_depth=self.scale_depth, dim_model_base=self.dim_model_base
             )
-            if self.sparse_config is not None:
-                out["sparse_config"] = self.sparse_config
+        if self.sparse_config is not None:  # any model type may run InfLLM v2 (attention: sparse)
+            out["sparse_config"] = self.sparse_config
         return out
 
     def to_dict(self) -> dict[str, Any]:

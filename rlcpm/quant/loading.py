@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 from rlcpm.errors import CheckpointError, UnsupportedModelError
+from rlcpm.kernels.infllm_v2.config import InfLLMv2Config
 from rlcpm.kernels.ternary import unpack_ternary
 from rlcpm.models.checkpoint import checkpoint_files, read_config, resolve_dtype
 from rlcpm.models.transformer import CausalLM
@@ -54,7 +55,7 @@ def load_quantized_model(
     """
     config = read_config(path)
     if sparse_config is not None:
-        config.sparse_config = dict(sparse_config)
+        config.sparse_config = InfLLMv2Config.merged(config.sparse_config, sparse_config)
     source = str(Path(path) / "config.json")
     group_size = ternary_group_size(config.extra.get("quantization_config"), source)
     config.attention = attention

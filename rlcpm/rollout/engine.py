@@ -41,6 +41,9 @@ from rlcpm.rollout.weight_sync import WeightSync
 PromptsLike = SequenceABC[SequenceABC[int]] | SequenceABC[Request]
 
 
+DEFAULT_BLOCK_SIZE = 16  # token slots per KV block (rollout workers use the default)
+
+
 def _default_kv_budget_bytes(device: torch.device) -> int:
     """A quarter of the memory available now (GPU: free device memory)."""
     if device.type == "cuda":
@@ -93,7 +96,7 @@ class Engine:
         max_num_batched_tokens: int = 2048,
         kv_budget_bytes: int | None = None,
         kv_budget_gb: float | None = None,
-        block_size: int = 16,
+        block_size: int = DEFAULT_BLOCK_SIZE,
         max_model_len: int | None = None,
         eos_token_ids: Iterable[int] | None = None,
         seed: int = 0,
@@ -179,7 +182,7 @@ class Engine:
 
         EOS ids come from generation_config.json when present (as transformers ``generate``),
         else from config.json / the tokenizer. ``attention`` names the attention backend;
-        ``sparse_config`` replaces the checkpoint's InfLLM v2 settings (attention="sparse").
+        ``sparse_config`` overrides the checkpoint's InfLLM v2 settings key by key (attention="sparse").
         ``speculative``: ``{draft, num_draft_tokens, frspec_vocab}`` (a mapping or the recipe's
         ``rollout.speculative``) turns on speculative decoding (docs/speculative.md).
         """

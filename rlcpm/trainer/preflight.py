@@ -1,7 +1,8 @@
 """Checks that fail a run in a second, before Ray, actors or models start.
 
 A recipe that validates can still name things that are not there: a model directory, a
-tokenizer, a dataset file, a reward. And a run directory may hold another run's checkpoints,
+tokenizer, a dataset file, a reward; or sparse-attention settings that only fail together with
+the checkpoint's (InfLLM v2 checks span keys and the engine's KV blocks). And a run directory may hold another run's checkpoints,
 which a fresh run would mix with its own. `check_run(recipe, resume)` raises on each of these
 with the fix named, instead of a traceback from a Ray actor half a minute in.
 """
@@ -12,7 +13,7 @@ import logging
 from pathlib import Path
 
 from rlcpm.config import Recipe
-from rlcpm.errors import CheckpointError, DataError, TrainingError
+from rlcpm.errors import CheckpointError, DataError, RecipeError, RlcpmError, TrainingError
 from rlcpm.learner.checkpoint import list_checkpoints
 
 log = logging.getLogger("rlcpm.trainer")
@@ -24,6 +25,7 @@ def check_run(recipe: Recipe, resume: bool) -> None:
 
     check_run_dir(run_dir_of(recipe), resume, recipe.learner.total_steps)
     check_model_source(recipe)
+    check_sparse_attention(recipe)
     check_data_paths(recipe)
     check_rewards(recipe)
 
@@ -74,6 +76,29 @@ def check_model_source(recipe: Recipe) -> None:
     tokenizer = model.tokenizer or model.path
     if tokenizer is not None and not Path(tokenizer).expanduser().is_dir():
         raise DataError(f"model.tokenizer: directory not found: {tokenizer}")
+
+
+def check_sparse_attention(recipe: Recipe) -> None:
+    """With attention: sparse, the checkpoint's sparse_config with model.sparse_attention over it
+    is a valid InfLLM v2 setting that the rollout engine's KV blocks fit (RecipeError)."""
+    from rlcpm.kernels.infllm_v2.config import InfLLMv2Config
+    from rlcpm.models.checkpoint import read_config
+    from rlcpm.rollout.engine import DEFAULT_BLOCK_SIZE
+
+    model = recipe.model
+    if model.attention != "sparse":
+        return
+    base = None  # the checkpoint's settings (a missing checkpoint is check_model_source's to report)
+    if model.path is not None:
+        try:
+            base = read_config(Path(model.path).expanduser()).sparse_config
+        except CheckpointError:
+            pass
+    try:
+        config = InfLLMv2Config.from_dict(InfLLMv2Config.merged(base, model.sparse_config_override()))
+        config.check_kv_block_size(DEFAULT_BLOCK_SIZE)
+    except RlcpmError as err:
+        raise RecipeError([f"model.sparse_attention: {err}"]) from err
 
 
 def check_data_paths(recipe: Recipe) -> None:

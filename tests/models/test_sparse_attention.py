@@ -118,6 +118,37 @@ def test_settings_come_from_sparse_config_the_override_or_the_minicpm4_defaults(
     assert load_model(llama, attention="sparse").attention_backend.sparse == InfLLMv2Config()
 
 
+def test_an_override_replaces_only_its_own_keys_and_rejects_unknown_ones(tmp_path):
+    from rlcpm.errors import UnsupportedModelError
+    from rlcpm.models.tiny import build_tiny_model_dir
+
+    path = build_tiny_model_dir(tmp_path / "m", "minicpm", sparse_config=SMALL)
+    partial = load_model(path, attention="sparse", sparse_config={"dense_len": 32})
+    assert partial.attention_backend.sparse == InfLLMv2Config(**{**SMALL, "dense_len": 32})
+    with pytest.raises(UnsupportedModelError, match=r"'top_k' \(did you mean 'topk'\?\)"):
+        load_model(path, attention="sparse", sparse_config={"top_k": 4})
+    with pytest.raises(UnsupportedModelError, match=r"window_size \(24\) must be a multiple of block_size"):
+        load_model(path, attention="sparse", sparse_config={"window_size": 24})
+
+
+def test_a_llama_checkpoint_keeps_its_sparse_config_through_export(tmp_path):
+    from rlcpm.models.checkpoint import read_config, save_model
+    from rlcpm.models.tiny import build_tiny_model_dir
+
+    llama = build_tiny_model_dir(tmp_path / "l", "llama")
+    model = load_model(llama, attention="sparse", sparse_config=SMALL)
+    assert model.config.to_hf()["sparse_config"] == SMALL
+    save_model(model, tmp_path / "export")
+    assert read_config(tmp_path / "export").sparse_config == SMALL
+
+
+def test_windows_shorter_than_their_stride_are_refused():
+    from rlcpm.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match=r"kernel_size \(2\) must be >= kernel_stride \(4\)"):
+        InfLLMv2Config(**{**SMALL, "kernel_size": 2})
+
+
 def test_a_kv_cache_in_another_dtype_is_refused(make_model, random_ids):
     _, model = _pair(make_model)
     cache = PagedKVCache.for_model(model.config, num_blocks=4, block_size=16, dtype=torch.bfloat16)

@@ -115,3 +115,38 @@ def test_an_unreachable_ray_address_fails_at_once():
         check_reachable(f"127.0.0.1:{port}")
     assert time.perf_counter() - start < 5
     check_reachable("auto")  # left to Ray
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"kernel_size": 6, "kernel_stride": 3, "block_size": 12, "window_size": 24, "topk": 4},
+         r"KV block_size \(16\) must be a multiple or a divisor of each compression stride"),
+        ({"window_size": 40, "block_size": 16, "kernel_size": 8, "kernel_stride": 4},
+         r"window_size \(40\) must be a multiple of block_size \(16\)"),
+        ({"topk": 1}, r"topk \(1\) must be >= init_blocks \+ 1"),
+    ],
+)  # fmt: skip
+def test_sparse_settings_that_fail_together_are_refused_before_ray(tmp_path, settings, message):
+    bad = recipe(tmp_path, **{"model.attention": "sparse", "model.sparse_attention": settings})
+    with pytest.raises(RecipeError, match=r"model\.sparse_attention: .*" + message):
+        check_run(bad, resume=False)
+
+
+def test_sparse_settings_are_checked_over_the_checkpoints_own(tmp_path):
+    """A partial model.sparse_attention is merged over the checkpoint's sparse_config: a window
+    of 48 fits the checkpoint's block of 16 (MiniCPM4's default block of 64 would not)."""
+    from rlcpm.models.tiny import build_tiny_model_dir
+
+    small = {"kernel_size": 8, "kernel_stride": 4, "block_size": 16, "window_size": 32, "topk": 4}
+    path = build_tiny_model_dir(tmp_path / "m", "minicpm", sparse_config=small)
+
+    def with_window(window):
+        model = {"path": str(path), "device": "cpu", "attention": "sparse", "sparse_attention": {"window_size": window}}
+        return load_recipe(data={"run_dir": str(tmp_path / "run"), "model": model,
+                                 "data": {"train": {"task": "arithmetic", "num_samples": 8}},
+                                 "rewards": [{"name": "math"}]})  # fmt: skip
+
+    check_run(with_window(48), resume=False)
+    with pytest.raises(RecipeError, match=r"window_size \(40\) must be a multiple of block_size \(16\)"):
+        check_run(with_window(40), resume=False)

@@ -13,10 +13,22 @@ window_size 2048, topk 64, dense_len 8192, use_nope false. Derived, as in the re
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from rlcpm.errors import UnsupportedModelError
+from rlcpm.errors import EngineError, UnsupportedModelError
+
+
+def check_page_fits_stride(page: int, stride: int) -> None:
+    """The paged compressed keys need KV blocks of ``page`` slots that are a multiple or a
+    divisor of the compression ``stride`` (EngineError otherwise)."""
+    if page % stride and stride % page:
+        raise EngineError(
+            f"sparse attention: the engine's KV block_size ({page}) must be a multiple or a divisor "
+            f"of each compression stride (kernel_stride and 4 * kernel_stride; here {stride}): "
+            "choose a kernel_stride that is a power of two, or an engine block_size that fits"
+        )
 
 
 @dataclass(frozen=True)
@@ -42,6 +54,11 @@ class InfLLMv2Config:
             problems.append(
                 f"init_blocks, window_size must be >= 0 and dense_len >= -1, got "
                 f"{self.init_blocks}, {self.window_size}, {self.dense_len}"
+            )
+        if not problems and self.kernel_size < self.kernel_stride:
+            problems.append(
+                f"kernel_size ({self.kernel_size}) must be >= kernel_stride ({self.kernel_stride}): "
+                "shorter windows would leave keys out of stage-1 scoring"
             )
         if not problems and self.block_size % self.kernel_stride:
             problems.append(
@@ -72,6 +89,30 @@ class InfLLMv2Config:
             return cls()
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known and v is not None})
+
+    @classmethod
+    def merged(cls, base: dict[str, Any] | None, override: dict[str, Any] | None) -> dict[str, Any]:
+        """A checkpoint's `sparse_config` (``base``) with the keys of ``override`` replacing its
+        own, key by key; validated. Unknown keys in ``override`` raise (a typo would silently
+        leave the setting at its default); unknown keys in ``base`` are kept."""
+        override = dict(override or {})
+        known = [f.name for f in fields(cls)]
+        unknown = [key for key in override if key not in known]
+        if unknown:
+            hints = [difflib.get_close_matches(key, known, n=1) for key in unknown]
+            raise UnsupportedModelError(
+                "sparse attention config: unknown key(s) "
+                + ", ".join(f"{key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "") for key, hint in zip(unknown, hints))
+                + f"; known: {', '.join(known)}"
+            )
+        values = {**(base or {}), **{key: value for key, value in override.items() if value is not None}}
+        cls.from_dict(values)  # raises on invalid combined settings
+        return values
+
+    def check_kv_block_size(self, page: int) -> None:
+        """EngineError unless an engine KV block of ``page`` slots fits both compression strides."""
+        for stride in (self.kernel_stride, self.coarse_kernel_stride):
+            check_page_fits_stride(page, stride)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from rlcpm.errors import EngineError
 from rlcpm.kernels.infllm_v2.compress import num_windows
+from rlcpm.kernels.infllm_v2.config import check_page_fits_stride
 from rlcpm.kernels.infllm_v2.layout import KeyLayout
 from rlcpm.kernels.workspace import can_use_scratch, scratch
 
@@ -43,11 +43,7 @@ class PagedCompressedKeys:
 
     def __init__(self, kv_cache, kernel_size: int, kernel_stride: int):
         page = kv_cache.block_size
-        if page % kernel_stride and kernel_stride % page:
-            raise EngineError(
-                f"sparse attention: the KV block_size ({page}) must be a multiple or a divisor of the "
-                f"compression stride ({kernel_stride}); use an engine block_size like 16 or 64"
-            )
+        check_page_fits_stride(page, kernel_stride)
         self.kernel_size = kernel_size
         self.kernel_stride = kernel_stride
         self.page_size = page
