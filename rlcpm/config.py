@@ -14,7 +14,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from rlcpm.errors import RecipeError
 
@@ -328,8 +337,17 @@ class LoraConfig(Section):
         0.0, ge=0, lt=1, description="SFT and DPO; GRPO updates run without dropout (ratio = 1 on-policy)"
     )
     targets: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+        description="names of the decoder's linear layers that get adapters",
     )
+
+    @field_validator("targets")
+    @classmethod
+    def _decoder_linears_only(cls, targets: list[str]) -> list[str]:
+        if "lm_head" in targets:
+            raise ValueError("lm_head cannot carry an adapter (the log-prob head reads its weight)")
+        return targets
 
 
 class QATConfig(Section):
@@ -372,6 +390,12 @@ class LearnerConfig(Section):
     lora: LoraConfig | None = None
     qat: QATConfig | None = None
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+
+    @model_validator(mode="after")
+    def _lora_or_qat(self) -> LearnerConfig:
+        if self.lora is not None and self.lora.enabled and self.qat is not None and self.qat.enabled:
+            raise ValueError("lora and qat cannot be combined; unset one of them")
+        return self
 
 
 # --------------------------------------------------------------------------------------- logging

@@ -197,7 +197,7 @@ class _Progress:
                 transient=False,
             )
             self._bar.start()
-            self._task = self._bar.add_task("train", total=total, completed=start, info="")
+            self._task = self._bar.add_task("train", total=total, completed=max(start - 1, 0), info="")
 
     def update(self, step: int, row: dict[str, Any]) -> None:
         info = "  ".join(

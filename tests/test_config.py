@@ -250,3 +250,17 @@ def test_a_mapping_data_source_reports_only_its_own_error_and_a_bad_algorithm_on
         "data.train.num_sample: unknown key; did you mean 'data.train.num_samples'?",
         "algorithm: algorithm.name must be one of 'grpo', 'dpo', 'sft' (got 'ppo')",
     ]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("learner.lora={targets: []}", "learner.lora.targets: List should have at least 1 item"),
+        ("learner.lora={targets: [q_proj, lm_head]}", "lm_head cannot carry an adapter"),
+    ],
+)
+def test_lora_targets_are_checked_by_the_recipe(tmp_path, override, message):
+    path = write(tmp_path, "r.yaml", MINIMAL)
+    with pytest.raises(RecipeError) as excinfo:
+        load_recipe(path, [override])
+    assert any(message in problem for problem in problems_of(excinfo)), problems_of(excinfo)

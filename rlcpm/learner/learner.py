@@ -14,6 +14,7 @@ the same on every rank.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
@@ -45,7 +46,7 @@ from rlcpm.learner.schedules import build_lr_scheduler
 from rlcpm.learner.step_stats import StepStats
 from rlcpm.learner.weights import DEFAULT_BUCKET_BYTES, NamedTensors, iter_weight_buckets
 from rlcpm.models import load_model
-from rlcpm.models.checkpoint import checkpoint_files
+from rlcpm.models.checkpoint import QAT_LATENT_KEY, checkpoint_files
 from rlcpm.quant import prepare_qat, quantized_named_tensors, save_ternary_model, with_rewarmup
 
 
@@ -83,14 +84,8 @@ class Learner:
         if self.device.type == "cpu" and self.config.cpu_gemm == "onednn":
             use_onednn_linears(self.policy)  # before QAT and LoRA, which wrap or replace linears
         if self.qat is not None:  # BitCPM ternary QAT (rlcpm.quant): decoder linears -> BitLinear
-            if lora is not None:
-                raise TrainingError("learner.qat and learner.lora cannot be combined; unset one of them")
-            prepare_qat(self.policy, self.qat)
+            prepare_qat(self.policy, self.qat)  # (LearnerConfig refuses lora together with qat)
         if lora is not None:
-            if "lm_head" in lora.targets:
-                raise TrainingError(
-                    "learner.lora.targets: lm_head cannot carry an adapter (the log-prob head reads its weight)"
-                )
             apply_lora(self.policy, lora)
         if isinstance(self.algorithm, GRPOConfig):
             # The importance ratio must compare the function the engine sampled from, which has
@@ -295,11 +290,12 @@ class Learner:
         """(HF name, full tensor) as the policy's forward uses them: LoRA merged on the fly, and the
         ternary W_q under QAT (what engines must sample from). A collective under FSDP2."""
         if self.qat is not None:
-            return quantized_named_tensors(self.policy, self._latent_weights())
-        return self._latent_weights()
+            return quantized_named_tensors(self.policy, self.latent_weights())
+        return self.latent_weights()
 
-    def _latent_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """The trained tensors themselves (high-precision latent weights under QAT): checkpoints, export."""
+    def latent_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, tensor) of the trained tensors themselves, LoRA merged: the high-precision latent
+        weights under QAT (checkpoints; `save_ternary_model` quantizes them). A collective under FSDP2."""
         return merged_named_tensors(self.policy)
 
     def weight_buckets(
@@ -310,7 +306,7 @@ class Learner:
 
     def export_hf(self, path: str | Path) -> Path:
         """Write the policy (LoRA merged; packed ternary under QAT) as a Hugging Face directory (rank 0 writes)."""
-        tensors = list(self._latent_weights())
+        tensors = list(self.latent_weights())
         if self.rank == 0 and self.qat is not None:
             save_ternary_model(self.policy, path, named_tensors=tensors)
         elif self.rank == 0:
@@ -323,7 +319,7 @@ class Learner:
     def save_checkpoint(self, path: str | Path, extra: dict | None = None) -> Path:
         """Write model, optimizer, scheduler, RNG, step and `extra` atomically to `path`."""
         path = Path(path)
-        tensors = list(self._latent_weights())
+        tensors = list(self.latent_weights())
         adapter = adapter_state(self.policy) if self.uses_lora else None
         options = StateDictOptions(full_state_dict=True, cpu_offload=True) if is_distributed() else None
         optimizer_state = get_optimizer_state_dict(self.root, self.optimizer, options=options)
@@ -332,8 +328,12 @@ class Learner:
             reference_state = dict(merged_named_tensors(self.reference.frozen.policy))
         rng_states = all_gather_objects(ckpt.capture_rng_state())
         if self.rank == 0:
+            config = self.policy.config
+            if self.qat is not None:  # model/ holds the latent weights, not the ternary model trained
+                marker = {"group_size": self.qat.group_size, "load": "Learner.load_checkpoint or the final export"}
+                config = dataclasses.replace(config, extra={**config.extra, QAT_LATENT_KEY: marker})
             with ckpt.atomic_directory(path) as tmp:
-                ckpt.save_hf_model(self.policy.config, tensors, tmp / ckpt.MODEL_DIR)
+                ckpt.save_hf_model(config, tensors, tmp / ckpt.MODEL_DIR)
                 if adapter is not None:
                     save_file(
                         {k: v.contiguous().cpu() for k, v in adapter.items()}, str(tmp / ckpt.ADAPTER_FILE)

@@ -29,7 +29,7 @@ def apply_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
     """Inject LoRA adapters into the `lora.targets` linear layers; freeze everything else."""
     present = {
         name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear)
-    }
+    } - {"lm_head"}  # the log-prob head cannot carry an adapter (LoraConfig refuses it)
     missing = sorted(set(lora.targets) - present)
     if missing:
         raise TrainingError(

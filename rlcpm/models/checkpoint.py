@@ -10,6 +10,7 @@ tied, as HF does), sharded with `model.safetensors.index.json` above `max_shard_
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -20,6 +21,11 @@ from rlcpm.errors import CheckpointError
 from rlcpm.kernels.infllm_v2.config import InfLLMv2Config
 from rlcpm.models.config import ModelConfig
 from rlcpm.models.transformer import CausalLM
+
+log = logging.getLogger("rlcpm.models")
+
+# config.json key of a QAT checkpoint's model/ directory: its weights are the latent ones
+QAT_LATENT_KEY = "rlcpm_qat_latent_weights"
 
 CONFIG_NAME = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -127,6 +133,13 @@ def load_model(
     tensors and unreadable files; UnsupportedModelError for an unknown model_type.
     """
     config = read_config(path)
+    if QAT_LATENT_KEY in config.extra:
+        log.warning(
+            "%s holds the latent weights of a QAT checkpoint: loaded in full precision, not as the "
+            "ternary model that was trained (resume with Learner.load_checkpoint; serve the run's "
+            "final/ export)",
+            path,
+        )
     if sparse_config is not None:
         config.sparse_config = InfLLMv2Config.merged(config.sparse_config, sparse_config)
     if config.extra.get("quantization_config") is not None:  # packed weights: rlcpm.quant knows the format

@@ -92,8 +92,8 @@ def save_ternary_model(
 ) -> Path:
     """Write a QAT-prepared CausalLM (BitLinear layers) as a packed ternary HF directory.
 
-    named_tensors: the latent weights by parameter name (default: the model's own; pass
-    Learner.named_weights() under FSDP2). dtype: of scales and unquantized tensors (default:
+    named_tensors: the latent weights by parameter name (default: the model's own; under FSDP2
+    pass Learner.latent_weights(), not named_weights(), which are already quantized). dtype: of scales and unquantized tensors (default:
     each tensor's own). tokenizer_dir: copy its tokenizer files alongside.
     """
     group_sizes = qat_group_sizes(model)

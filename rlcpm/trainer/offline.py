@@ -81,8 +81,9 @@ def train_offline(recipe: Recipe, resume: bool = False) -> TrainResult:
     summary: dict[str, float] = {}
     try:
         with Monitor(
-            recipe, run_dir, total_steps=num_steps, wandb_run_id=extra.get("wandb_run_id"), start_step=start
-        ) as monitor:
+            recipe, run_dir, total_steps=num_steps, wandb_run_id=extra.get("wandb_run_id"),
+            start_step=start + 1 if latest is not None else 0,  # the first step this run logs (1-based)
+        ) as monitor:  # fmt: skip
             if evaluator is not None and start == 0:
                 summary.update({f"{k}_before": v for k, v in evaluator.run(learner).items()})
             for step in range(start, num_steps):

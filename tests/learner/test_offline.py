@@ -99,9 +99,15 @@ def test_offline_resume_continues_exactly(tmp_path, tiny_model_dir):
     shutil.copytree(
         straight.run_dir / "checkpoints" / "step_00000004", tmp_path / "b" / "checkpoints" / "step_00000004"
     )
+    # the crashed run had logged steps 1-5; step 5 came after its last checkpoint
+    rows = (straight.run_dir / "metrics.jsonl").read_text().splitlines()
+    logged = [row for row in rows if json.loads(row).get("step", 0) <= 5]
+    (tmp_path / "b" / "metrics.jsonl").write_text("".join(row + "\n" for row in logged))
     resumed = train_offline(_sft_recipe(tmp_path / "b", tiny_model_dir, **sections), resume=True)
     loss = lambda result: {r["step"]: r["train/loss"] for r in result.history if "train/loss" in r}
     assert loss(resumed) == {s: v for s, v in loss(straight).items() if s > 4}
+    steps = [json.loads(row)["step"] for row in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s in steps if s] == list(range(1, 9))  # step 4 kept, step 5 redone once
     a, b = load_model(straight.final_model_dir), load_model(resumed.final_model_dir)
     for (name, x), (_, y) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(x, y), name

@@ -68,3 +68,18 @@ def test_lambda_lr_runs_update_k_at_step_k_plus_one():
     expected = [1e-3 * m for m in (0.25, 0.5, 0.75, 1.0, 0.75, 0.5, 0.25, 0.0)]
     assert seen == pytest.approx(expected)
     assert not math.isnan(seen[-1])
+
+
+def test_a_warmup_reaching_into_the_decay_shortens_it_to_end_at_the_last_step(caplog):
+    """QAT's 10-step re-warmup on a 10-step run with a 2-step linear decay: the decay used to be
+    skipped (the last update ran at the peak rate); it now still ends at step S."""
+    cfg = ScheduleConfig(name="wsd", warmup_steps=8, decay_fraction=0.5, decay_form="linear")
+    assert [lr_multiplier(s, cfg, 10) for s in range(1, 11)] == pytest.approx(
+        [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0, 0.5, 0.0]
+    )
+    param = torch.nn.Parameter(torch.zeros(1))
+    with caplog.at_level("WARNING", logger="rlcpm"):
+        build_lr_scheduler(torch.optim.SGD([param], lr=1.0), cfg, total_steps=10)
+    assert "the decay is shortened to 2 steps" in caplog.text
+    everything = ScheduleConfig(name="wsd", warmup_steps=10, decay_fraction=0.2, decay_form="linear")
+    assert lr_multiplier(10, everything, 10) == 1.0  # no room left: no decay (and a warning)

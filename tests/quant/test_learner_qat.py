@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from rlcpm.config import deep_merge, load_recipe
-from rlcpm.errors import TrainingError
+from rlcpm.errors import RecipeError
 from rlcpm.kernels.cpu_gemm import OneDNNLinear
 from rlcpm.learner.batch import SFTSequence
 from rlcpm.learner.learner import Learner
@@ -95,13 +95,15 @@ def test_qat_sft_lowers_the_loss(make_learner):
     assert losses[-1] < 0.8 * losses[0]
 
 
-def test_checkpoint_keeps_latent_weights_and_export_is_packed(make_learner, tmp_path):
+def test_checkpoint_keeps_latent_weights_and_export_is_packed(make_learner, tmp_path, rlcpm_log):
     learner = make_learner()
     learner.sft_step(_sft_batch())
     latent = {name: p.detach().clone() for name, p in learner.policy.named_parameters()}
     learner.save_checkpoint(tmp_path / "ckpt")
     saved = load_file(str(tmp_path / "ckpt" / "model" / "model.safetensors"))
     assert all(torch.equal(saved[name], latent[name]) for name in latent)
+    load_model(tmp_path / "ckpt" / "model")  # the latent weights, in full precision: warned
+    assert "holds the latent weights of a QAT checkpoint" in rlcpm_log.text
 
     resumed = make_learner()
     resumed.load_checkpoint(tmp_path / "ckpt")
@@ -142,6 +144,6 @@ def test_engine_runs_a_packed_model_like_the_dense_w_q_model(make_learner, tiny_
             )
 
 
-def test_qat_with_lora_is_refused(make_learner):
-    with pytest.raises(TrainingError, match="learner.qat and learner.lora cannot be combined"):
+def test_qat_with_lora_is_refused_by_the_recipe(make_learner):
+    with pytest.raises(RecipeError, match=r"learner: .*lora and qat cannot be combined"):
         make_learner({"learner": {"lora": {"rank": 4}}})
