@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from rlcpm.config import DPOConfig, GRPOConfig, Recipe
-from rlcpm.errors import TrainingError
+from rlcpm.errors import CheckpointError, TrainingError
 from rlcpm.kernels.cpu_gemm import use_onednn_linears
 from rlcpm.learner import checkpoint as ckpt
 from rlcpm.learner.batch import PreferencePair, RLBatch, SFTSequence
@@ -92,6 +92,11 @@ class Learner:
             # no dropout: with LoRA dropout on, on-policy tokens got ratios of 1 +- 1e-2.
             disable_dropout(self.policy)
         self.uses_lora = lora is not None
+        # what an adapter checkpoint must match on resume (alpha scales it: a silent change would
+        # resume a different policy)
+        self._lora_settings = (
+            {"rank": lora.rank, "alpha": lora.alpha, "targets": sorted(lora.targets)} if lora else None
+        )
         self.shares_prompts = (
             self.config.share_prompts and self.policy.attention_backend.supports_shared_prefix
         )
@@ -346,6 +351,7 @@ class Learner:
                     "rng": rng_states,
                     "reference": reference_state,
                     "reference_refreshes": self.reference.num_refreshes if self.reference else 0,
+                    "lora": self._lora_settings,
                     "extra": extra or {},
                 }
                 torch.save(state, tmp / ckpt.STATE_FILE)
@@ -356,6 +362,7 @@ class Learner:
         """Restore everything `save_checkpoint` wrote; returns its `extra`."""
         path = Path(path)
         state = ckpt.load_trainer_state(path)
+        self._check_lora_settings(path, state)
         if self.uses_lora:
             weights = load_file(str(path / ckpt.ADAPTER_FILE))
         else:
@@ -376,6 +383,29 @@ class Learner:
         rng = state["rng"]
         ckpt.restore_rng_state(rng[self.rank] if self.rank < len(rng) else rng[0])
         return state["extra"]
+
+    def _check_lora_settings(self, path: Path, state: dict) -> None:
+        """CheckpointError when the checkpoint's LoRA setup is not this learner's (a checkpoint
+        from before the settings were recorded is checked for its adapter file only)."""
+        saved = state.get("lora", "unrecorded")
+        has_adapter = (path / ckpt.ADAPTER_FILE).is_file()
+        if self.uses_lora and (saved is None or not has_adapter):
+            raise CheckpointError(
+                f"{path} was written without LoRA (a full fine-tune): resume it without learner.lora, "
+                "or start a new run with its model/ as model.path"
+            )
+        if not self.uses_lora and (has_adapter or saved not in (None, "unrecorded")):
+            raise CheckpointError(
+                f"{path} was written with LoRA {saved if saved != 'unrecorded' else ''}: resume it with "
+                "the same learner.lora, or start a new run with its model/ (adapters merged) as model.path"
+            )
+        if self.uses_lora and saved != "unrecorded" and saved != self._lora_settings:
+            changed = {k: (saved.get(k), v) for k, v in self._lora_settings.items() if saved.get(k) != v}
+            raise CheckpointError(
+                f"{path} was written with other LoRA settings: "
+                + ", ".join(f"learner.lora.{k} {old!r} there, {new!r} here" for k, (old, new) in changed.items())
+                + " (the adapters would mean a different policy); resume with the checkpoint's settings"
+            )
 
     @staticmethod
     def _load_weights(module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:

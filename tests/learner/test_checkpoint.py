@@ -97,3 +97,22 @@ def test_loading_an_incomplete_checkpoint_names_the_file(tmp_path):
     (tmp_path / "step_00000004").mkdir()
     with pytest.raises(CheckpointError, match="trainer_state.pt"):
         ckpt.load_trainer_state(tmp_path / "step_00000004")
+
+
+def test_resume_refuses_a_checkpoint_of_another_lora_setup(make_recipe, tmp_path):
+    """A changed alpha resumed silently into a different policy (log-probs off by up to 0.34);
+    a full fine-tune's checkpoint under LoRA was a bare FileNotFoundError."""
+    from rlcpm.learner.learner import Learner
+
+    lora = {"rank": 4, "alpha": 8.0, "targets": ["q_proj", "v_proj"]}
+    Learner(make_recipe({"learner": {"lora": lora}})).save_checkpoint(tmp_path / "lora")
+    Learner(make_recipe()).save_checkpoint(tmp_path / "full")
+    Learner(make_recipe({"learner": {"lora": {**lora, "targets": ["v_proj", "q_proj"]}}})).load_checkpoint(
+        tmp_path / "lora"
+    )  # the same setup (targets in another order)
+    with pytest.raises(CheckpointError, match=r"learner.lora.alpha 8.0 there, 16.0 here"):
+        Learner(make_recipe({"learner": {"lora": {**lora, "alpha": 16.0}}})).load_checkpoint(tmp_path / "lora")
+    with pytest.raises(CheckpointError, match="written with LoRA"):
+        Learner(make_recipe()).load_checkpoint(tmp_path / "lora")
+    with pytest.raises(CheckpointError, match="written without LoRA"):
+        Learner(make_recipe({"learner": {"lora": lora}})).load_checkpoint(tmp_path / "full")
