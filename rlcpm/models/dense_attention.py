@@ -187,14 +187,15 @@ def _unpad_bucket(x: torch.Tensor, bucket: _Bucket) -> torch.Tensor:
 
 @dataclass
 class _PrefixGroup:
-    """A shared prefix (tokens start:end of the packed stream) and the sequences continuing it."""
+    """Continuations of one shared prefix (tokens start:end of the packed stream) attended in one
+    padded call: a length bucket of them (`length_buckets`)."""
 
     start: int
     end: int
     rows: torch.Tensor  # [Tc] packed rows of the continuations' tokens, in order
     lens: list[int]  # tokens of each continuation
-    padded_index: torch.Tensor | None  # [Tc] row of each token in [C * max_len]; None: one call each
-    masks: list[torch.Tensor]  # one [n, P + n] mask for the padded call, else one per continuation
+    padded_index: torch.Tensor | None  # [Tc] row of each token in [C * max_len]; None: no padding
+    mask: torch.Tensor  # [max_len, P + max_len] lower-right causal
 
 
 @dataclass
@@ -226,20 +227,19 @@ def _shared_prefix_plan(meta: AttentionMetadata) -> _SharedPrefixPlan:
         plain_meta = AttentionMetadata.packed([cu[s + 1] - cu[s] for s in plain], device) if plain else None
         groups = []
         for p, seqs in continuations.items():
-            lens = [cu[s + 1] - cu[s] for s in seqs]
-            width = max(lens)
             num_prefix = cu[p + 1] - cu[p]
-            padded = len(lens) * width * (num_prefix + width)
-            real = sum(n * (num_prefix + n) for n in lens)
-            padded_index = None
-            masks = [lower_right_causal_mask(n, num_prefix + n, device) for n in lens]
-            if padded <= 2 * real:
-                padded_index = torch.cat(
-                    [torch.arange(n, device=device) + i * width for i, n in enumerate(lens)]
-                )
-                masks = [lower_right_causal_mask(width, num_prefix + width, device)]
-            rows = torch.cat([rows_of(s) for s in seqs])
-            groups.append(_PrefixGroup(cu[p], cu[p + 1], rows, lens, padded_index, masks))
+            seq_lens = [cu[s + 1] - cu[s] for s in seqs]
+            for bucket in length_buckets(seq_lens, [num_prefix + n for n in seq_lens]):
+                lens = [seq_lens[i] for i in bucket]
+                width = max(lens)
+                padded_index = None
+                if min(lens) != width:
+                    padded_index = torch.cat(
+                        [torch.arange(n, device=device) + i * width for i, n in enumerate(lens)]
+                    )
+                rows = torch.cat([rows_of(seqs[i]) for i in bucket])
+                mask = lower_right_causal_mask(width, num_prefix + width, device)
+                groups.append(_PrefixGroup(cu[p], cu[p + 1], rows, lens, padded_index, mask))
         order = torch.cat([plain_rows, *[g.rows for g in groups]])
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=device)
@@ -251,8 +251,9 @@ def _shared_prefix_plan(meta: AttentionMetadata) -> _SharedPrefixPlan:
 def _pad_continuations(x: torch.Tensor, group: _PrefixGroup) -> torch.Tensor:
     """[Tc, H, D] tokens of a group's continuations -> [C, max_len, H, D] (zeros after each end)."""
     count, width = len(group.lens), max(group.lens)
-    padded = x.new_zeros(count * width, *x.shape[1:]).index_copy(0, group.padded_index, x)
-    return padded.view(count, width, *x.shape[1:])
+    if group.padded_index is not None:
+        x = x.new_zeros(count * width, *x.shape[1:]).index_copy(0, group.padded_index, x)
+    return x.view(count, width, *x.shape[1:])
 
 
 def lower_right_causal_mask(num_queries: int, num_keys: int, device) -> torch.Tensor:
@@ -303,8 +304,7 @@ class DenseAttention(AttentionBackend):
 
     def _with_shared_prefixes(self, q, k, v, meta, layer_idx):
         """Sequences without a prefix as usual; the continuations of each prefix in one SDPA call
-        over [prefix keys (shared), own keys] (padded to the longest, or one call each when
-        padding would more than double the work)."""
+        per length bucket over [prefix keys (shared), own keys], padded to the bucket's longest."""
         plan = _shared_prefix_plan(meta)
         outs = []
         if plan.plain_meta is not None:
@@ -313,19 +313,9 @@ class DenseAttention(AttentionBackend):
         for group in plan.groups:
             k_prefix, v_prefix = k[group.start : group.end], v[group.start : group.end]
             q_own, k_own, v_own = q[group.rows], k[group.rows], v[group.rows]
-            if group.padded_index is None:
-                outs += [
-                    self._continuation(qs[None], ks[None], vs[None], k_prefix, v_prefix, mask)[0]
-                    for qs, ks, vs, mask in zip(
-                        q_own.split(group.lens), k_own.split(group.lens), v_own.split(group.lens), group.masks
-                    )
-                ]
-                continue
             q_pad, k_pad, v_pad = (_pad_continuations(x, group) for x in (q_own, k_own, v_own))
-            out = self._continuation(
-                q_pad, k_pad, v_pad, k_prefix, v_prefix, group.masks[0]
-            )  # [C, width, Hq, D]
-            outs.append(out.flatten(0, 1).index_select(0, group.padded_index))
+            out = self._continuation(q_pad, k_pad, v_pad, k_prefix, v_prefix, group.mask).flatten(0, 1)
+            outs.append(out if group.padded_index is None else out.index_select(0, group.padded_index))
         return torch.cat(outs).index_select(0, plan.inverse)
 
     def _continuation(self, q, k, v, k_prefix, v_prefix, mask):

@@ -111,9 +111,10 @@ def test_return_hidden_then_compute_logits_equals_logits(model_type, tied, make_
 
 # ------------------------------------------------------------------------- shared prefixes
 
-# (prompt length, continuation lengths): similar continuations run as one padded call,
-# ragged ones one call each
-SHARED = {"similar": [(6, [5, 4, 5]), (3, [2, 3])], "ragged": [(5, [1, 17, 2]), (4, [9])]}
+# (prompt length, continuation lengths); the dense backend attends each prompt's continuations
+# in length buckets (length_buckets): one padded call for similar ones, alone when ragged
+SHARED = {"similar": [(6, [5, 4, 5]), (3, [2, 3])], "ragged": [(5, [1, 17, 2]), (4, [9])],
+          "bucketed": [(4, [20, 3, 19, 2, 18]), (2, [6])]}  # dense: {20, 19, 18} padded, {3}, {2}
 
 
 def _shared_and_unshared(model, groups, random_ids):
