@@ -217,7 +217,10 @@ class GRPOConfig(Section):
     entropy_coef: float = Field(0.0, ge=0)
     dynamic_sampling: bool = True
     max_oversample: float = Field(
-        4.0, ge=1, description="stop over-sampling after this many x N groups tried"
+        4.0,
+        ge=1,
+        description="groups started per step (in flight included) stay within this many x N; a "
+        "step that cannot fill N groups trains on fewer, with a warning",
     )
     overlong_filter: bool = True
     overlong_penalty: OverlongPenalty | None = None

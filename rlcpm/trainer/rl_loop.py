@@ -72,6 +72,7 @@ class GRPOTrainer:
         self.eval_before: dict[str, float] = {}
         self.last_groups: list[Group] = []
         self._pending_update = None  # (learner call, start time) of an update in flight
+        self._held_row: tuple[int, dict] | None = None  # (step, metrics) waiting for its update
         wandb_run_id = self._restore() if resume else None
         self.monitor = Monitor(
             recipe, self.run_dir, total_steps=recipe.learner.total_steps,
@@ -141,19 +142,22 @@ class GRPOTrainer:
                 metrics.update(self._finish_update())  # evaluate / save the updated weights
             if is_eval:
                 metrics.update(self._evaluate())
-            self.monitor.log(self.step, metrics)
+            if self._pending_update is not None:  # overlapped: the row waits for its update's metrics
+                self._held_row = (self.step, metrics)
+            else:
+                self.monitor.log(self.step, metrics)
             if is_checkpoint:
                 self.save_checkpoint()
         return self._finish()
 
     def train_step(self) -> dict[str, float]:
         """Rollout, then the update. With `rollout.max_staleness: 1` the update runs while the
-        NEXT step's rollout samples with the current weights (one step stale at most); its
-        `train/*` metrics are then reported with that next step."""
+        NEXT step's rollout samples with the current weights (one step stale at most); `fit`
+        then logs this step's row once the update has finished, with its `train/*` metrics."""
         start = time.perf_counter()
         groups, metrics = self.collect_groups()
         self.last_groups = groups  # the trained batch, for inspection
-        metrics.update(self._finish_update())  # the previous step's update, when it overlapped
+        self._log_held_row(self._finish_update())  # the previous step's update, when it overlapped
         if not groups:
             log.warning(
                 "step %d: no group with a learning signal after over-sampling; skipping the update", self.step
@@ -180,6 +184,13 @@ class GRPOTrainer:
         if self.recipe.logging.samples_every and self.step % self.recipe.logging.samples_every == 0:
             self.monitor.log_samples(self.step, self._sample_rows(groups))
         return metrics
+
+    def _log_held_row(self, update_metrics: dict[str, float]) -> None:
+        """Log the overlapped previous step's row, completed with its update's metrics."""
+        if self._held_row is not None:
+            step, metrics = self._held_row
+            self._held_row = None
+            self.monitor.log(step, {**metrics, **update_metrics})
 
     def _finish_update(self) -> dict[str, float]:
         """Wait for the update in flight (if any), then stream its weights to the rollout workers."""
@@ -225,7 +236,9 @@ class GRPOTrainer:
         while len(self.buffer) < n_groups and tried < max_groups:
             need = n_groups - len(self.buffer)
             yield_rate = max(self.pass_rate * self.finish_rate, 1.0 / self.algo.max_oversample)
-            target = min(groups_in_flight_for(need, yield_rate), max_groups)
+            # the bound counts groups in flight too: a round finishes most of them, and every one
+            # that finishes is scored (carried-over groups may still finish past it)
+            target = min(groups_in_flight_for(need, yield_rate), max_groups - tried)
             self.chunks.top_up(max(0, target - self.chunks.num_in_flight_groups))
             in_flight = self.chunks.num_in_flight_groups
             requests = self.chunks.next_requests()
@@ -254,6 +267,13 @@ class GRPOTrainer:
                 if passed:
                     self.buffer.append(group)
         groups, self.buffer = self.buffer[:n_groups], self.buffer[n_groups:]
+        if 0 < len(groups) < n_groups:
+            log.warning(
+                "step %d: only %d of %d groups passed dynamic sampling after %d finished "
+                "(algorithm.max_oversample %g): training on a smaller batch; raise max_oversample, or "
+                "check that the reward separates the responses",
+                self.step, len(groups), n_groups, tried, self.algo.max_oversample,
+            )  # fmt: skip
         metrics = {
             **reward_metrics(results_all, self.reward_labels),
             "rollout/rounds": rounds,

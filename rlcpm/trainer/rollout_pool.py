@@ -90,13 +90,14 @@ class RolloutPool:
     # ------------------------------------------------------------------------------ weights
 
     def sync_weights(self, named_tensors: list, version: int) -> SyncStats:
-        """Push (name, tensor) pairs to every worker as `version`; verify every worker took it."""
+        """Push (name, tensor) pairs to every worker as `version`; verify every worker took it
+        (a worker that died meanwhile is replaced and given them)."""
         import ray
 
         start = time.perf_counter()
         ref = ray.put(named_tensors)
         num_bytes = sum(t.numel() * t.element_size() for _, t in named_tensors)
-        versions = ray.get([w.update_weights.remote(ref, version) for w in self.workers])
+        versions = self._on_every_worker(lambda worker, index: worker.update_weights.remote(ref, version))
         for index, got in enumerate(versions):
             if got != version:
                 raise WeightSyncError(
@@ -199,26 +200,41 @@ class RolloutPool:
         self._affinity = {g: w for g, w in self._affinity.items() if w != index}
         self.num_restarts += 1
 
+    def _on_every_worker(self, call) -> list:
+        """``call(worker, index)`` (a Ray call) on every worker at once; results in worker order.
+        A worker that died (between rounds, during an update) is replaced and called again."""
+        import ray
+
+        futures = [call(worker, index) for index, worker in enumerate(self.workers)]
+        results = []
+        for index, future in enumerate(futures):
+            for attempt in range(MAX_RETRIES + 1):
+                try:
+                    results.append(ray.get(future))
+                    break
+                except ray.exceptions.RayActorError as err:
+                    if attempt == MAX_RETRIES:
+                        raise EngineError(f"rollout worker {index} kept failing after {MAX_RETRIES} restarts") from err
+                    log.warning("rollout worker %d died (%s); restarting it", index, err)
+                    self._replace(index)
+                    future = call(self.workers[index], index)
+        return results
+
     # ----------------------------------------------------------------------------- helpers
 
     def generate_plain(self, prompts: list[list[int]], params: list[SamplingParams]) -> list:
         """Plain generation (evaluation): prompts spread evenly over the workers, outputs in order."""
-        import ray
-
         n = len(self.workers)
-        futures = [
-            self.workers[i].generate.remote(prompts[i::n], params[i::n], None, self.version) for i in range(n)
-        ]
-        parts = ray.get(futures)
+        parts = self._on_every_worker(
+            lambda worker, i: worker.generate.remote(prompts[i::n], params[i::n], None, self.version)
+        )
         outputs = [None] * len(prompts)
         for i, part in enumerate(parts):
             outputs[i::n] = part
         return outputs
 
     def stats(self) -> list[dict]:
-        import ray
-
-        return ray.get([w.stats.remote() for w in self.workers])
+        return self._on_every_worker(lambda worker, index: worker.stats.remote())
 
     def speculation_metrics(self) -> dict[str, float]:
         """Speculative decoding since the last call, over every worker: mean acceptance length
@@ -235,11 +251,11 @@ class RolloutPool:
             for key in SPEC_COUNTERS:
                 delta[key] += now[key] - (0 if restarted else before.get(key, 0))
             self._spec_seen[index] = now
-        stats = acceptance_stats(*(delta[key] for key in SPEC_COUNTERS))
-        return {
-            **{f"rollout/{key}": value for key, value in stats.items()},
-            "rollout/spec_rounds": float(delta["spec_num_rounds"]),
-        }
+        metrics = {"rollout/spec_rounds": float(delta["spec_num_rounds"])}
+        if delta["spec_num_rounds"]:  # a step served from buffered groups drafted nothing (not 0)
+            stats = acceptance_stats(*(delta[key] for key in SPEC_COUNTERS))
+            metrics.update({f"rollout/{key}": value for key, value in stats.items()})
+        return metrics
 
     def kill_worker(self, index: int) -> None:
         """Kill a worker (fault-injection in tests and benchmarks); the next round replaces it."""

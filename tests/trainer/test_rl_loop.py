@@ -131,6 +131,31 @@ def test_dynamic_sampling_never_trains_zero_variance_groups(ray_session, model_d
     assert filtered > 0  # zero-variance groups did come up, and were kept out of training
 
 
+def test_over_sampling_stays_within_its_bound_and_a_short_batch_warns(ray_session, model_dir, tmp_path, rlcpm_log):
+    """max_oversample 1.5 x 4 groups: at most 6 groups are started per (synchronous) step, and a
+    step that fills fewer than 4 says so (it trained on a smaller batch silently, and a second
+    round could start another 6)."""
+    recipe = make_recipe(
+        model_dir,
+        tmp_path / "run",
+        **{"algorithm.groups_per_step": 4, "algorithm.max_oversample": 1.5,
+           "rewards": [{"fn": "rl_rewards:first_token_multiple_of_8"}]},  # fmt: skip
+    )
+    trainer = GRPOTrainer(recipe)
+    short = 0
+    try:
+        for step in (1, 2, 3):
+            trainer.step = step
+            metrics = trainer.train_step()
+            assert metrics["rollout/groups_finished"] <= 6
+            if 0 < len(trainer.last_groups) < 4:
+                short += 1
+                assert f"step {step}: only {len(trainer.last_groups)} of 4 groups passed" in rlcpm_log.text
+    finally:
+        trainer.close()
+    assert short > 0  # seeded: with ~41% of groups passing, some step falls short
+
+
 def test_resume_mid_run_matches_uninterrupted(ray_session, model_dir, tmp_path):
     over = {
         "rollout.chunk_tokens": 3,
@@ -178,6 +203,29 @@ def test_killed_rollout_worker_loses_no_trajectory(ray_session, model_dir, tmp_p
     assert killed == clean
 
 
+def test_a_worker_that_dies_during_the_update_is_replaced_at_weight_sync(ray_session, model_dir, tmp_path):
+    """The update is the longest phase of a step: a worker dying then used to abort the run
+    (ActorDiedError from the weight sync)."""
+    import ray
+
+    trainer = GRPOTrainer(make_recipe(model_dir, tmp_path / "run", **{"rollout.workers": 2}))
+    sync = trainer.rollout.sync_weights
+
+    def sync_after_a_death(named_tensors, version):
+        trainer.rollout.kill_worker(1)
+        return sync(named_tensors, version)
+
+    trainer.rollout.sync_weights = sync_after_a_death
+    try:
+        trainer.step = 1
+        metrics = trainer.train_step()
+        assert "train/loss" in metrics and trainer.rollout.num_restarts == 1
+        versions = ray.get([w.health.remote() for w in trainer.rollout.workers])
+        assert [v["weight_version"] for v in versions] == [trainer.rollout.version] * 2 == [1, 1]
+    finally:
+        trainer.close()
+
+
 def test_sparse_attention_recipe_trains_end_to_end(ray_session, model_dir, tmp_path):
     """model.attention: sparse reaches both the learner and the rollout workers (InfLLM v2)."""
     sparse = {
@@ -220,13 +268,18 @@ def test_sparse_attention_recipe_trains_end_to_end(ray_session, model_dir, tmp_p
 def test_one_step_overlap_samples_one_version_behind(ray_session, model_dir, tmp_path):
     """rollout.max_staleness: 1 trains batch k while batch k+1 is sampled with the pre-update weights."""
     recipe = make_recipe(
-        model_dir, tmp_path / "run", **{"rollout.max_staleness": 1, "learner.total_steps": 3}
+        model_dir, tmp_path / "run", **{"rollout.max_staleness": 1, "learner.total_steps": 4,
+                                        "learner.checkpoint": {"every_steps": 2}}  # fmt: skip
     )
     history = [row for row in train(recipe).history if "rollout/staleness_mean" in row]
-    assert [row["rollout/staleness_mean"] for row in history] == [0.0, 1.0, 1.0]
-    # step 1 only samples; step 2 reports batch 1's update; the last step drains its own update too
-    assert "train/loss" not in history[0] and "train/loss" in history[1]
-    assert history[-1]["train/policy_version"] == 3
+    # step 2 checkpoints, so it finishes its update: step 3 samples with the current weights
+    assert [row["rollout/staleness_mean"] for row in history] == [0.0, 1.0, 0.0, 1.0]
+    # each step's row is written once its own update has finished (the next step's rollout ran
+    # meanwhile), so every update's train/* metrics are logged, in its own row (an update that
+    # overlapped into a checkpoint step lost its metrics before)
+    assert [row["step"] for row in history] == [1, 2, 3, 4]
+    assert [row["train/policy_version"] for row in history] == [1, 2, 3, 4]
+    assert all("train/loss" in row and "perf/learn_time_s" in row for row in history)
 
 
 def test_qat_recipe_samples_from_the_ternary_policy_and_exports_it(ray_session, model_dir, tmp_path):
