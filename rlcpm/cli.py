@@ -178,8 +178,12 @@ def _report(args) -> int:
 def _freq(args) -> int:
     from rlcpm.rollout.frspec import build_frequency_file
 
-    build_frequency_file(
+    ranking = build_frequency_file(
         args.dataset, args.tokenizer, top_k=args.top_k, output=args.output, fields=args.fields
+    )
+    print(
+        f"wrote {args.output}: the top {len(ranking.token_ids)} ids cover {ranking.coverage:.1%} of the "
+        f"{ranking.num_tokens_counted} tokens counted ({len(ranking.always_kept)} always kept)"
     )
     return 0
 

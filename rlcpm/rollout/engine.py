@@ -41,6 +41,21 @@ from rlcpm.rollout.weight_sync import WeightSync
 PromptsLike = SequenceABC[SequenceABC[int]] | SequenceABC[Request]
 
 
+def _speculative_settings(speculative: Any):
+    """A mapping or the recipe's `rollout.speculative` -> a validated SpeculativeConfig
+    (unknown keys and wrong types are errors, as in a recipe: a typo must not turn FR-Spec off)."""
+    from pydantic import ValidationError
+
+    from rlcpm.config import SpeculativeConfig
+
+    if isinstance(speculative, SpeculativeConfig):
+        return speculative
+    try:
+        return SpeculativeConfig.model_validate(dict(speculative))
+    except (TypeError, ValueError, ValidationError) as err:
+        raise EngineError(f"speculative settings {speculative!r}: {err}") from err
+
+
 DEFAULT_BLOCK_SIZE = 16  # token slots per KV block (rollout workers use the default)
 
 
@@ -196,12 +211,12 @@ class Engine:
             if eos is not None:
                 engine_kwargs["eos_token_ids"] = [eos] if isinstance(eos, int) else eos
         if speculative is not None:
-            spec = speculative if isinstance(speculative, dict) else speculative.model_dump()
+            spec = _speculative_settings(speculative)
             eos_ids = engine_kwargs.get("eos_token_ids") or cls._eos_ids(model.config, tokenizer)
             engine_kwargs["drafter"] = Drafter.from_pretrained(
-                spec["draft"],
-                spec.get("num_draft_tokens", 4),
-                spec.get("frspec_vocab"),
+                spec.draft,
+                spec.num_draft_tokens,
+                spec.frspec_vocab,
                 dtype=model.dtype,
                 device=model.device,
                 tokenizer=tokenizer,

@@ -180,6 +180,7 @@ class Drafter:
         if num_draft_tokens <= 0:
             raise EngineError(f"speculative num_draft_tokens must be > 0, got {num_draft_tokens}")
         model = load_model(path, dtype=dtype, device=device)
+        _check_same_tokenizer(path, tokenizer)
         subset = None
         if frspec_vocab is not None:
             subset = FrequencyRanking.load(frspec_vocab, tokenizer).subset_ids(keep_token_ids)
@@ -471,4 +472,19 @@ class SpeculativeDecoder:
             meta=meta,
             kv_cache=cache,
             return_hidden=True,
+        )
+
+
+def _check_same_tokenizer(draft_dir: str | Path, tokenizer: Any) -> None:
+    """EngineError when the draft directory ships a tokenizer other than the target's: its ids
+    would mean other tokens, and acceptance would collapse without an error."""
+    if tokenizer is None or not (Path(draft_dir) / "tokenizer.json").is_file():
+        return
+    from rlcpm.models import load_tokenizer
+    from rlcpm.rollout.frspec import tokenizer_fingerprint
+
+    if tokenizer_fingerprint(load_tokenizer(draft_dir)) != tokenizer_fingerprint(tokenizer):
+        raise EngineError(
+            f"the draft model {draft_dir} has another tokenizer than the target (its token ids mean "
+            "other tokens): a draft must share the target's tokenizer"
         )

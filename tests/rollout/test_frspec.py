@@ -95,7 +95,7 @@ def test_bad_inputs_name_the_file(tokenizer, corpus, tmp_path):
         FrequencyRanking.load(not_a_ranking)
 
 
-def test_rlcpm_freq_cli_writes_the_file(tiny_dirs, tokenizer, corpus, tmp_path):
+def test_rlcpm_freq_cli_writes_the_file(tiny_dirs, tokenizer, corpus, tmp_path, capsys):
     from rlcpm.cli import main
 
     output = tmp_path / "cli_vocab.json"
@@ -105,6 +105,7 @@ def test_rlcpm_freq_cli_writes_the_file(tiny_dirs, tokenizer, corpus, tmp_path):
     assert main(argv) == 0
     ranking = FrequencyRanking.load(output, tokenizer)
     assert len(ranking.token_ids) == 4 and ranking.top_k == 4
+    assert f"the top 4 ids cover {ranking.coverage:.1%} of the" in capsys.readouterr().out
     assert (
         main(["freq", str(tmp_path / "nope.jsonl"), "--tokenizer", str(tiny_dirs["llama"]), "-o", "x"]) == 1
     )

@@ -267,3 +267,29 @@ def _bytes_for_blocks_of(target, draft, block_size: int, num_blocks: int) -> int
         )
         for m in (target, draft)
     )
+
+
+def test_speculative_settings_are_checked_like_a_recipe(tiny_dirs, draft_dir):
+    """A typo used to turn FR-Spec off silently ({"frspec": ...} ran a full draft head)."""
+    from rlcpm.errors import EngineError
+
+    target = str(tiny_dirs["llama"])
+    for bad, message in [
+        ({"draft": str(draft_dir), "frspec": "vocab.json"}, "frspec\n  Extra inputs are not permitted"),
+        ({"draft": str(draft_dir), "num_draft_tokens": 2.5}, "num_draft_tokens\n  Input should be a valid integer"),
+        ({"num_draft_tokens": 2}, "draft\n  Field required"),
+    ]:
+        with pytest.raises(EngineError, match=message):
+            Engine.from_pretrained(target, dtype="float32", speculative=bad)
+
+
+def test_a_draft_with_another_tokenizer_is_refused(tiny_dirs, draft_dir, tmp_path):
+    from rlcpm.errors import EngineError
+    from rlcpm.models.tiny import save_tokenizer
+    from rlcpm.models.tiny_tokenizer import build_tokenizer
+
+    other = tmp_path / "draft-other-tokenizer"
+    shutil.copytree(draft_dir, other)
+    save_tokenizer(build_tokenizer(vocab_size=512, seed=1), other)  # same size, other ids
+    with pytest.raises(EngineError, match="has another tokenizer than the target"):
+        Engine.from_pretrained(str(tiny_dirs["llama"]), dtype="float32", speculative={"draft": str(other)})
