@@ -87,6 +87,12 @@ def check_sparse_attention(recipe: Recipe) -> None:
 
     model = recipe.model
     if model.attention != "sparse":
+        if model.sparse_attention is not None:
+            log.warning(
+                "model.sparse_attention is set but model.attention is %r: the settings are ignored "
+                "(set model.attention: sparse to use them)",
+                model.attention,
+            )
         return
     base = None  # the checkpoint's settings (a missing checkpoint is check_model_source's to report)
     if model.path is not None:

@@ -150,3 +150,8 @@ def test_sparse_settings_are_checked_over_the_checkpoints_own(tmp_path):
     check_run(with_window(48), resume=False)
     with pytest.raises(RecipeError, match=r"window_size \(40\) must be a multiple of block_size \(16\)"):
         check_run(with_window(40), resume=False)
+
+
+def test_sparse_settings_under_dense_attention_are_reported_as_ignored(tmp_path, rlcpm_log):
+    check_run(recipe(tmp_path, **{"model.sparse_attention": {"topk": 8}}), resume=False)
+    assert "model.sparse_attention is set but model.attention is 'dense'" in rlcpm_log.text
