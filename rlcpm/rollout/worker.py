@@ -35,7 +35,7 @@ class RolloutWorker:
         dtype: str = "auto",
         device: str = "cpu",
         max_num_seqs: int = 64,
-        max_num_batched_tokens: int = 2048,
+        max_num_batched_tokens: int | None = None,
         kv_budget_gb: float | None = None,
         attention: str = "dense",
         seed: int = 0,
@@ -43,6 +43,8 @@ class RolloutWorker:
     ):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        if max_num_batched_tokens is None:  # CPU: smaller forwards keep their activations in cache
+            max_num_batched_tokens = 2048 if torch.device(device).type == "cpu" else 8192
         self.model_dir = model_dir
         self.engine = Engine.from_pretrained(
             model_dir,
