@@ -122,6 +122,28 @@ def length_buckets(new_lens: list[int], key_lens: list[int], max_padding: float 
     return groups
 
 
+def _token_rows(cu: list[int], seqs: list[int], device) -> torch.Tensor:
+    """Packed rows of the tokens of sequences ``seqs`` (cu: the cu_seqlens as a list), in order."""
+    if not seqs:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    return torch.cat([torch.arange(cu[s], cu[s + 1], device=device) for s in seqs])
+
+
+def _padded_index(lens: list[int], device) -> torch.Tensor | None:
+    """[sum lens] row of each token in the [len(lens) * max(lens)] padded layout; None: no padding."""
+    width = max(lens)
+    if min(lens) == width:
+        return None
+    return torch.cat([torch.arange(n, device=device) + i * width for i, n in enumerate(lens)])
+
+
+def _pad_rows(x: torch.Tensor, padded_index: torch.Tensor | None, count: int, width: int) -> torch.Tensor:
+    """[Tb, H, D] tokens of ``count`` sequences -> [count, width, H, D] (zeros after each end)."""
+    if padded_index is not None:
+        x = x.new_zeros(count * width, *x.shape[1:]).index_copy(0, padded_index, x)
+    return x.view(count, width, *x.shape[1:])
+
+
 def _bucket_plan(meta: AttentionMetadata, kv_cache: PagedKVCache | None, dtype: torch.dtype) -> _BucketPlan:
     """Split a forward's sequences into length buckets (see `length_buckets`). Without a cache
     every sequence is fresh; with one, a sequence whose every cached key is new this step is
@@ -141,18 +163,11 @@ def _bucket_plan(meta: AttentionMetadata, kv_cache: PagedKVCache | None, dtype: 
                        length_buckets([n[s] for s in members], [keys[s] for s in members])]  # fmt: skip
         buckets = []
         for is_fresh, seqs in groups:
-            width = max(n[s] for s in seqs)
+            lens = [n[s] for s in seqs]
             contiguous = seqs == list(range(seqs[0], seqs[0] + len(seqs)))
-            if contiguous:
-                rows: torch.Tensor | slice = slice(cu[seqs[0]], cu[seqs[-1] + 1])
-            else:
-                rows = torch.cat([torch.arange(cu[s], cu[s + 1], device=device) for s in seqs])
-            padded_index = None
-            if any(n[s] != width for s in seqs):
-                padded_index = torch.cat(
-                    [torch.arange(n[s], device=device) + i * width for i, s in enumerate(seqs)]
-                )
-            bucket = _Bucket(rows, padded_index, len(seqs), width, is_fresh)
+            rows = slice(cu[seqs[0]], cu[seqs[-1] + 1]) if contiguous else _token_rows(cu, seqs, device)
+            width = max(lens)
+            bucket = _Bucket(rows, _padded_index(lens, device), len(seqs), width, is_fresh)
             if not is_fresh:
                 index = torch.tensor(seqs, dtype=torch.long, device=device)
                 most_keys = max(keys[s] for s in seqs)
@@ -163,7 +178,7 @@ def _bucket_plan(meta: AttentionMetadata, kv_cache: PagedKVCache | None, dtype: 
         order = [s for _, seqs in groups for s in seqs]
         inverse = None
         if order != sorted(order):
-            rows = torch.cat([torch.arange(cu[s], cu[s + 1], device=device) for s in order])
+            rows = _token_rows(cu, order, device)
             inverse = torch.empty_like(rows)
             inverse[rows] = torch.arange(rows.numel(), device=device)
         return _BucketPlan(buckets, inverse)
@@ -173,10 +188,7 @@ def _bucket_plan(meta: AttentionMetadata, kv_cache: PagedKVCache | None, dtype: 
 
 def _pad_bucket(x: torch.Tensor, bucket: _Bucket) -> torch.Tensor:
     """[T, H, D] packed tokens -> [C, H, width, D] of the bucket's sequences (zeros after each end)."""
-    x = x[bucket.rows]
-    if bucket.padded_index is not None:
-        x = x.new_zeros(bucket.num_seqs * bucket.width, *x.shape[1:]).index_copy(0, bucket.padded_index, x)
-    return x.view(bucket.num_seqs, bucket.width, *x.shape[1:]).transpose(1, 2)
+    return _pad_rows(x[bucket.rows], bucket.padded_index, bucket.num_seqs, bucket.width).transpose(1, 2)
 
 
 def _unpad_bucket(x: torch.Tensor, bucket: _Bucket) -> torch.Tensor:
@@ -213,17 +225,12 @@ def _shared_prefix_plan(meta: AttentionMetadata) -> _SharedPrefixPlan:
         device = meta.cu_seqlens_q.device
         cu = meta.cu_seqlens_q.tolist()
         prefix = meta.prefix_seq.tolist()
-        rows_of = lambda s: torch.arange(cu[s], cu[s + 1], device=device)  # noqa: E731
         plain = [s for s, p in enumerate(prefix) if p < 0]
         continuations: dict[int, list[int]] = {}
         for s, p in enumerate(prefix):
             if p >= 0:
                 continuations.setdefault(p, []).append(s)
-        plain_rows = (
-            torch.cat([rows_of(s) for s in plain])
-            if plain
-            else torch.zeros(0, dtype=torch.long, device=device)
-        )
+        plain_rows = _token_rows(cu, plain, device)
         plain_meta = AttentionMetadata.packed([cu[s + 1] - cu[s] for s in plain], device) if plain else None
         groups = []
         for p, seqs in continuations.items():
@@ -231,15 +238,9 @@ def _shared_prefix_plan(meta: AttentionMetadata) -> _SharedPrefixPlan:
             seq_lens = [cu[s + 1] - cu[s] for s in seqs]
             for bucket in length_buckets(seq_lens, [num_prefix + n for n in seq_lens]):
                 lens = [seq_lens[i] for i in bucket]
-                width = max(lens)
-                padded_index = None
-                if min(lens) != width:
-                    padded_index = torch.cat(
-                        [torch.arange(n, device=device) + i * width for i, n in enumerate(lens)]
-                    )
-                rows = torch.cat([rows_of(seqs[i]) for i in bucket])
-                mask = lower_right_causal_mask(width, num_prefix + width, device)
-                groups.append(_PrefixGroup(cu[p], cu[p + 1], rows, lens, padded_index, mask))
+                rows = _token_rows(cu, [seqs[i] for i in bucket], device)
+                mask = lower_right_causal_mask(max(lens), num_prefix + max(lens), device)
+                groups.append(_PrefixGroup(cu[p], cu[p + 1], rows, lens, _padded_index(lens, device), mask))
         order = torch.cat([plain_rows, *[g.rows for g in groups]])
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=device)
@@ -250,10 +251,7 @@ def _shared_prefix_plan(meta: AttentionMetadata) -> _SharedPrefixPlan:
 
 def _pad_continuations(x: torch.Tensor, group: _PrefixGroup) -> torch.Tensor:
     """[Tc, H, D] tokens of a group's continuations -> [C, max_len, H, D] (zeros after each end)."""
-    count, width = len(group.lens), max(group.lens)
-    if group.padded_index is not None:
-        x = x.new_zeros(count * width, *x.shape[1:]).index_copy(0, group.padded_index, x)
-    return x.view(count, width, *x.shape[1:])
+    return _pad_rows(x, group.padded_index, len(group.lens), max(group.lens))
 
 
 def lower_right_causal_mask(num_queries: int, num_keys: int, device) -> torch.Tensor:
