@@ -36,6 +36,8 @@ scores keep float32 precision, as in SDPA.
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 
 from rlcpm.models.dense_attention import DenseAttention
@@ -60,30 +62,27 @@ def split_rows(row_lens: list[int], max_ranges: int = 4, min_saving: float = 0.1
     Rows are loaded longest first, so a batch that mixes long carried-over sequences with new
     ones (chunked rollout) splits into a few ranges of similar lengths."""
     ranges = [(0, len(row_lens))]
+    best = [_best_split(row_lens)]  # (keys saved, split point) of each range, computed once
     threshold = min_saving * len(row_lens) * max(row_lens)
     while len(ranges) < max_ranges:
-        saving, split, index = max(
-            (*_best_split(row_lens[start:end]), index) for index, (start, end) in enumerate(ranges)
-        )
+        index = max(range(len(ranges)), key=best.__getitem__)
+        saving, split = best[index]
         if saving < threshold:
             break
         start, end = ranges[index]
         ranges[index : index + 1] = [(start, start + split), (start + split, end)]
+        best[index : index + 1] = [_best_split(row_lens[start : start + split]), _best_split(row_lens[start + split : end])]
     return ranges
 
 
 def _best_split(lens: list[int]) -> tuple[int, int]:
-    """(keys saved, split point) of the best split of one range in two (0, 0 if none)."""
+    """(keys saved, split point) of the best split of one range in two ((0, 0) if none)."""
     count = len(lens)
-    prefix_max, suffix_max = list(lens), list(lens)
-    for i in range(1, count):
-        prefix_max[i] = max(prefix_max[i - 1], lens[i])
-        suffix_max[count - 1 - i] = max(suffix_max[count - i], lens[count - 1 - i])
-    best = (0, 0)
-    for a in range(1, count):
-        saved = count * prefix_max[-1] - a * prefix_max[a - 1] - (count - a) * suffix_max[a]
-        best = max(best, (saved, a))
-    return best
+    prefix_max = list(accumulate(lens, max))
+    suffix_max = list(accumulate(reversed(lens), max))[::-1]
+    padded = count * prefix_max[-1]
+    splits = ((padded - a * prefix_max[a - 1] - (count - a) * suffix_max[a], a) for a in range(1, count))
+    return max(splits, default=(0, 0))
 
 
 class MirroredDecodeAttention(DenseAttention):

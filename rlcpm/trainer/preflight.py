@@ -9,6 +9,7 @@ with the fix named, instead of a traceback from a Ray actor half a minute in.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -96,10 +97,8 @@ def check_sparse_attention(recipe: Recipe) -> None:
         return
     base = None  # the checkpoint's settings (a missing checkpoint is check_model_source's to report)
     if model.path is not None:
-        try:
+        with contextlib.suppress(CheckpointError):
             base = read_config(Path(model.path).expanduser()).sparse_config
-        except CheckpointError:
-            pass
     try:
         config = InfLLMv2Config.from_dict(InfLLMv2Config.merged(base, model.sparse_config_override()))
         config.check_kv_block_size(DEFAULT_BLOCK_SIZE)
