@@ -110,34 +110,12 @@ class RolloutPool:
     # ----------------------------------------------------------------------------- generate
 
     def generate(self, requests: Sequence[ChunkRequest], group_of: dict[str, str]) -> list[ChunkResult]:
-        """One round: every request generates up to its chunk budget; results in request order."""
-        import ray
-
+        """One round: every request generates up to its chunk budget; results in request order.
+        A worker that dies mid-round is replaced and its share generated again (seeded: same tokens)."""
         shares = self._assign(requests, group_of)
-        results: dict[str, ChunkResult] = {}
-        pending = {i: share for i, share in enumerate(shares) if share}
-        for attempt in range(MAX_RETRIES + 1):
-            futures = {
-                i: self.workers[i].generate.remote(*self._call_args(share)) for i, share in pending.items()
-            }
-            failed = {}
-            for index, future in futures.items():
-                try:
-                    outputs = ray.get(future)
-                except ray.exceptions.RayActorError as err:
-                    log.warning(
-                        "rollout worker %d died (%s); restarting it and re-queuing its requests", index, err
-                    )
-                    failed[index] = pending[index]
-                    self._replace(index)
-                    continue
-                for out in outputs:
-                    results[out.request_id] = self._to_result(out)
-            if not failed:
-                break
-            if attempt == MAX_RETRIES:
-                raise EngineError(f"rollout workers kept failing after {MAX_RETRIES} restarts")
-            pending = failed
+        busy = [i for i, share in enumerate(shares) if share]
+        parts = self._on_workers(busy, lambda worker, i: worker.generate.remote(*self._call_args(shares[i])))
+        results = {out.request_id: self._to_result(out) for part in parts for out in part}
         return [results[r.traj_id] for r in requests]
 
     def _call_args(self, share: list[ChunkRequest]):
@@ -201,13 +179,17 @@ class RolloutPool:
         self.num_restarts += 1
 
     def _on_every_worker(self, call) -> list:
-        """``call(worker, index)`` (a Ray call) on every worker at once; results in worker order.
-        A worker that died (between rounds, during an update) is replaced and called again."""
+        """``call(worker, index)`` (a Ray call) on every worker at once; results in worker order."""
+        return self._on_workers(range(len(self.workers)), call)
+
+    def _on_workers(self, indices, call) -> list:
+        """``call(worker, index)`` (a Ray call) on the workers ``indices`` at once; results in
+        that order. A worker that died (mid-round, during an update) is replaced and called again."""
         import ray
 
-        futures = [call(worker, index) for index, worker in enumerate(self.workers)]
+        futures = {index: call(self.workers[index], index) for index in indices}
         results = []
-        for index, future in enumerate(futures):
+        for index, future in futures.items():
             for attempt in range(MAX_RETRIES + 1):
                 try:
                     results.append(ray.get(future))
