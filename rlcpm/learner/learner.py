@@ -385,21 +385,17 @@ class Learner:
         return state["extra"]
 
     def _check_lora_settings(self, path: Path, state: dict) -> None:
-        """CheckpointError when the checkpoint's LoRA setup is not this learner's (a checkpoint
-        from before the settings were recorded is checked for its adapter file only)."""
-        saved = state.get("lora", "unrecorded")
+        """CheckpointError when the checkpoint's LoRA setup is not this learner's: LoRA on one side
+        only (its adapter file tells), or other rank / alpha / targets (when recorded)."""
         has_adapter = (path / ckpt.ADAPTER_FILE).is_file()
-        if self.uses_lora and (saved is None or not has_adapter):
+        if self.uses_lora != has_adapter:
+            written = "with LoRA" if has_adapter else "without LoRA (a full fine-tune)"
             raise CheckpointError(
-                f"{path} was written without LoRA (a full fine-tune): resume it without learner.lora, "
-                "or start a new run with its model/ as model.path"
+                f"{path} was written {written}: resume it with the same learner.lora setting, or "
+                "start a new run with its model/ (adapters merged) as model.path"
             )
-        if not self.uses_lora and (has_adapter or saved not in (None, "unrecorded")):
-            raise CheckpointError(
-                f"{path} was written with LoRA {saved if saved != 'unrecorded' else ''}: resume it with "
-                "the same learner.lora, or start a new run with its model/ (adapters merged) as model.path"
-            )
-        if self.uses_lora and saved != "unrecorded" and saved != self._lora_settings:
+        saved = state.get("lora")  # None: written before the settings were recorded
+        if self.uses_lora and saved is not None and saved != self._lora_settings:
             changed = {k: (saved.get(k), v) for k, v in self._lora_settings.items() if saved.get(k) != v}
             raise CheckpointError(
                 f"{path} was written with other LoRA settings: "
