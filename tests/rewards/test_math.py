@@ -46,6 +46,8 @@ EQUIVALENT = [
     (r"\boxed{2^{10}}", "1024"),
     (r"Reference: the answer is \boxed{12}", r"$\boxed{12}$"),
     (r"\fbox{9}", "9"),
+    ("so x = \u22125", "-5"),  # a Unicode minus sign
+    ("It costs .5 dollars.", "0.5"),
 ]
 
 # (response, gold answer): the response's final answer is a different value (or missing).
@@ -72,6 +74,8 @@ DIFFERENT = [
     (r"\boxed{2^{10}}", "1000"),
     (r"First \boxed{7}, but wait, it is \boxed{8}", "7"),
     (r"\boxed{e}", "2.71"),
+    ("so x = \u22125", "5"),  # the sign of a Unicode minus is not dropped
+    ("It costs .5 dollars.", "5"),
 ]
 
 
@@ -109,6 +113,9 @@ def test_equivalence_verdicts_from_two_threads(verifier):
         ("no digits here", None),
         (r"cut off \boxed{\frac{1}{", None),
         (r"\boxed 7.", "7"),
+        ("the temperature is now \u22123 degrees", "-3"),
+        ("it weighs .25 kg, or 1.2.3", "3"),
+        ("it weighs .25 kg", ".25"),
     ],
 )
 def test_extract_answer(response, expected):

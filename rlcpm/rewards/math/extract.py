@@ -8,7 +8,8 @@ import re
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 _ANSWER_IS = re.compile(r"(?:final\s+answer|answer)\s*(?:is|:|=)\s*:?\s*(.+)", re.IGNORECASE)
 _SENTENCE_END = re.compile(r"\.\s+(?=[A-Z])")
-_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
+# A minus sign may be ASCII or Unicode (U+2212); a decimal may start at its point (".5").
+_NUMBER = re.compile(r"[-\u2212]?(?:\d+(?:,\d{3})*(?:\.\d+)?|(?<!\d)\.\d+)(?:/\d+)?")
 # A choice is a letter alone, or a marked letter ("(B)", "B.", "B)", "B:") before its option text.
 # "A = 12", "C = 2\pi r" or "A \cup B" are not choices: a bare letter must stand alone.
 _CHOICE = re.compile(r"^(?:\(([A-J])\)|([A-J])[.:)]|([A-J])$)")
@@ -41,7 +42,7 @@ def extract_answer(
         return _clean(_SENTENCE_END.split(stated[-1].group(1).splitlines()[0])[0])
     if fallback_last_number:
         numbers = _NUMBER.findall(response)
-        return numbers[-1] if numbers else None
+        return numbers[-1].replace("\u2212", "-") if numbers else None
     return None
 
 
