@@ -48,6 +48,8 @@ EQUIVALENT = [
     (r"\fbox{9}", "9"),
     ("so x = \u22125", "-5"),  # a Unicode minus sign
     ("It costs .5 dollars.", "0.5"),
+    ("The answer is: **12**", "12"),  # markdown bold
+    ("The answer is **12** apples.", "12"),
 ]
 
 # (response, gold answer): the response's final answer is a different value (or missing).
@@ -116,6 +118,10 @@ def test_equivalence_verdicts_from_two_threads(verifier):
         ("the temperature is now \u22123 degrees", "-3"),
         ("it weighs .25 kg, or 1.2.3", "3"),
         ("it weighs .25 kg", ".25"),
+        ("The answer is **12**.", "12"),
+        ("**Final Answer:** 12", "12"),
+        ("The answer is **(B)**", "(B)"),
+        ("Answer: 2**10", "2**10"),  # a power, not bold
     ],
 )
 def test_extract_answer(response, expected):

@@ -15,6 +15,7 @@ _NUMBER = re.compile(r"[-\u2212]?(?:\d+(?:,\d{3})*(?:\.\d+)?|(?<!\d)\.\d+)(?:/\d
 _CHOICE = re.compile(r"^(?:\(([A-J])\)|([A-J])[.:)]|([A-J])$)")
 # Another option named in a choice's text: "(C)", "C.", "C)" or "or C" / "and C" (not an article "A").
 _ANOTHER_CHOICE = re.compile(r"\([A-J]\)|\b[A-J][.:)](?=\s|$)|\b(?:or|and)\s+\(?[A-J]\b")
+_BOLD = re.compile(r"\*\*(.+?)\*\*")  # markdown bold: "The answer is **12**."
 _TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\{([^{}]*)\}")
 
 
@@ -81,7 +82,7 @@ def choice_letter(text: str, single: bool = False) -> str | None:
 
 
 def _clean(answer: str) -> str:
-    answer = answer.strip().rstrip(".").strip()
+    answer = _BOLD.sub(r"\1", answer).strip().strip("*").rstrip(".").strip()
     for opening, closing in (("$", "$"), ("\\(", "\\)"), ("\\[", "\\]")):
         if answer.startswith(opening) and answer.endswith(closing) and len(answer) > len(opening + closing):
             answer = answer[len(opening) : -len(closing)].strip()
