@@ -198,4 +198,11 @@ def test_calls_drafted_in_the_reasoning_do_not_count_and_deep_nesting_scores_zer
     assert tool_use.score(f"<think>Plan: {draft}</think>\n{final}", expected) == 1.0
     tagged = f"<think><tool_call>{draft}</tool_call></think><tool_call>{final}</tool_call>"
     assert tool_use.score(tagged, expected) == 1.0
+    # the chat template opened <think> in the prompt: the response holds only its closing tag
+    opened_in_prompt = f"Plan: <tool_call>{draft}</tool_call></think>\n<tool_call>{final}</tool_call>"
+    assert tool_use.score(opened_in_prompt, expected) == 1.0
+    assert tool_use.score(f"Plan: {draft}</think>\n{final}", expected) == 1.0
+    # cut off while reasoning: a call drafted there is no answer
+    assert tool_use.score(f"<think>Plan: <tool_call>{final}</tool_call> then", expected) == 0.0
+    assert tool_use.score(f"{final}\n<think>why it works", expected) == 1.0
     assert tool_use.score("[" * 100_000 + "]" * 100_000, expected) == 0.0  # not a RecursionError

@@ -37,8 +37,11 @@ _THINK = re.compile(r"<think>.*?</think>", re.DOTALL)
 
 def parse_tool_calls(response: str) -> list[ToolCall]:
     """Every tool call in `response`, in order; [] when it calls none. Reasoning in
-    `<think>...</think>` is not part of the answer: calls drafted there do not count."""
+    `<think>...</think>` is not part of the answer: calls drafted there do not count. Nor do
+    calls before a lone `</think>` (the template put `<think>` in the prompt) or after a `<think>`
+    that is never closed (a response cut off while reasoning)."""
     response = _THINK.sub("", response)
+    response = response.rpartition("</think>")[2].partition("<think>")[0]
     if "<tool_call>" in response:
         blocks = _TAGGED.findall(response)
         if response.count("<tool_call>") != len(blocks):
