@@ -50,6 +50,9 @@ EQUIVALENT = [
     ("It costs .5 dollars.", "0.5"),
     ("The answer is: **12**", "12"),  # markdown bold
     ("The answer is **12** apples.", "12"),
+    (r"\boxed{10\,000}", "10000"),  # a LaTeX thin space between digit groups
+    (r"\boxed{\$1\,234\,567}", "1234567"),
+    (r"\boxed{10~000}", r"10\ 000"),
 ]
 
 # (response, gold answer): the response's final answer is a different value (or missing).
@@ -78,6 +81,7 @@ DIFFERENT = [
     (r"\boxed{e}", "2.71"),
     ("so x = \u22125", "5"),  # the sign of a Unicode minus is not dropped
     ("It costs .5 dollars.", "5"),
+    (r"\boxed{10\,000}", "0"),  # not the product 10 * 000
 ]
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from rlcpm.errors import RewardError
-from rlcpm.rewards.math.extract import choice_letter, extract_answer, last_boxed
+from rlcpm.rewards.math.extract import choice_letter, extract_answer, join_digit_groups, last_boxed
 from rlcpm.rewards.math.verifier import MathVerifier, default_verifier
 
 
@@ -35,10 +35,11 @@ def score(
     if answer is None:
         raise RewardError("math reward: the sample has no answer (set data.fields.answer)")
     gold = str(answer).strip()
-    gold = last_boxed(gold) or gold
+    gold = join_digit_groups(last_boxed(gold) or gold)
     pred = extract_answer(response, pattern, fallback_last_number)
     if pred is None or not gold:
         return 0.0
+    pred = join_digit_groups(pred)
     gold_choice = choice_letter(gold) if len(gold) <= 16 else None
     if gold_choice is not None:
         return float(choice_letter(pred, single=True) == gold_choice)

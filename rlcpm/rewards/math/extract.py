@@ -16,6 +16,9 @@ _CHOICE = re.compile(r"^(?:\(([A-J])\)|([A-J])[.:)]|([A-J])$)")
 # Another option named in a choice's text: "(C)", "C.", "C)" or "or C" / "and C" (not an article "A").
 _ANOTHER_CHOICE = re.compile(r"\([A-J]\)|\b[A-J][.:)](?=\s|$)|\b(?:or|and)\s+\(?[A-J]\b")
 _BOLD = re.compile(r"\*\*(.+?)\*\*")  # markdown bold: "The answer is **12**."
+# A LaTeX space between digit groups is a thousands separator ("10\\,000"), which math-verify
+# would read as a product (10 * 000 = 0).
+_SPACED_DIGIT_GROUP = re.compile(r"(?<=\d)(?:\\[,;: ]|~)(?=\d{3}(?!\d))")
 _TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\{([^{}]*)\}")
 
 
@@ -65,6 +68,11 @@ def last_boxed(text: str) -> str | None:
         if depth == 0:
             return rest[1:i]
     return None  # unbalanced: the response was cut inside the box
+
+
+def join_digit_groups(text: str) -> str:
+    """`10\\,000`, `1\\ 234\\ 567`, `10~000` -> `10000`, `1234567`, `10000`."""
+    return _SPACED_DIGIT_GROUP.sub("", text)
 
 
 def choice_letter(text: str, single: bool = False) -> str | None:
