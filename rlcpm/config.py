@@ -29,9 +29,12 @@ from rlcpm.errors import RecipeError
 
 
 class Section(BaseModel):
-    """Base of every recipe section: unknown keys are errors, assignments are validated."""
+    """Base of every recipe section: unknown keys are errors, assignments are validated, and a
+    number must be finite (a NaN or inf weight, temperature or clip is a typo, never a setting)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False
+    )
 
 
 # ----------------------------------------------------------------------------------------- model

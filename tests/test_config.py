@@ -182,6 +182,9 @@ def test_missing_required_sections(tmp_path):
         ("rollout.max_staleness=3", "max_staleness"),
         ("learner.lora={targets: []}", "learner.lora.targets: List should have at least 1 item"),
         ("learner.lora={targets: [q_proj, lm_head]}", "lm_head cannot carry an adapter"),
+        ("rewards=[{name: math, weight: .nan}]", "rewards[0].weight: Input should be a finite number"),
+        ("rollout.temperature=inf", "rollout.temperature: Input should be a finite number"),
+        ("algorithm.eps_high=inf", "algorithm.eps_high: Input should be a finite number"),
     ],
 )
 def test_value_errors_name_the_problem(tmp_path, override, fragment):
