@@ -156,6 +156,16 @@ def test_boxed_and_choice_helpers():
 def test_missing_answer_is_an_error():
     with pytest.raises(RewardError, match="no answer"):
         math_reward.score(r"\boxed{1}", None)
+    with pytest.raises(RewardError, match="list of acceptable answers is empty"):
+        math_reward.score(r"\boxed{1}", [])
+
+
+def test_a_list_of_gold_answers_accepts_any_of_them():
+    gold = [r"\frac{1}{2}", "50\\%", "(B)"]
+    assert math_reward.score(r"\boxed{0.5}", gold) == 1.0
+    assert math_reward.score("The answer is (B)", gold) == 1.0
+    assert math_reward.score(r"\boxed{0.25}", gold) == 0.0
+    assert math_reward.score(r"\boxed{2}", ("1", 2)) == 1.0  # a tuple, and a number among strings
 
 
 def test_slow_check_is_cut_at_the_time_limit_off_the_main_thread(verifier):

@@ -31,9 +31,15 @@ def score(
     pattern: a regex that locates the answer instead of `\\boxed{}` / "the answer is" (group 1
     if it has groups). fallback_last_number: with no box or statement, use the last number.
     `answer` may itself hold a `\\boxed{}` (a reference solution); its box is the gold answer.
+    A list or tuple of answers accepts any of them (datasets that list several forms).
     """
     if answer is None:
         raise RewardError("math reward: the sample has no answer (set data.fields.answer)")
+    if isinstance(answer, list | tuple):
+        if not answer:
+            raise RewardError("math reward: the sample's list of acceptable answers is empty")
+        kwargs = {"pattern": pattern, "fallback_last_number": fallback_last_number, "timeout_s": timeout_s}
+        return float(any(score(response, gold, verifier=verifier, **kwargs) for gold in answer))
     gold = str(answer).strip()
     gold = join_digit_groups(last_boxed(gold) or gold)
     pred = extract_answer(response, pattern, fallback_last_number)
