@@ -314,15 +314,21 @@ class Engine:
         """One forward for the scheduled batch; returns the sequences that finished or paused."""
         start = time.perf_counter()
         self.weights.check_consistent()
-        batch = self.scheduler.schedule()
-        if not batch.seqs:
-            raise EngineError(
-                "no request could be scheduled: the KV cache is too small for the waiting request"
-            )
-        if self.speculator is not None:  # draft k tokens, verify them in one forward, accept
-            token_ids, logprobs = self.speculator.step(batch)
-        else:
-            token_ids, logprobs = self._sample(batch, self.runner.run(batch))
+        try:
+            batch = self.scheduler.schedule()
+            if not batch.seqs:
+                raise EngineError(
+                    "no request could be scheduled: the KV cache is too small for the waiting request"
+                )
+            if self.speculator is not None:  # draft k tokens, verify them in one forward, accept
+                token_ids, logprobs = self.speculator.step(batch)
+            else:
+                token_ids, logprobs = self._sample(batch, self.runner.run(batch))
+        except BaseException:
+            # schedule() registered this step's full blocks for prefix sharing before the forward
+            # wrote their KV: a failed or interrupted forward must not leave them to be shared
+            self.block_manager.reset_prefix_cache()
+            raise
         num_decode = sum(1 for n in batch.num_query_tokens if n == 1)
         self.stats["num_decode_tokens"] += num_decode
         self.stats["num_prefill_tokens"] += batch.num_tokens - num_decode

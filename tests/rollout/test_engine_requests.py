@@ -145,3 +145,26 @@ def test_engine_sizes_below_one_are_refused_at_construction(setting, make_engine
 
     with pytest.raises(EngineError, match=f"{setting} must be an int >= 1, got 0"):
         make_engine("llama", **{setting: 0})
+
+
+def test_a_failed_forward_leaves_no_unwritten_blocks_in_the_prefix_cache(make_engine, monkeypatch):
+    """The blocks a step registers for prefix sharing get their KV from that step's forward:
+    when the forward fails (out of memory, an interrupt), a later request with the same prompt
+    must compute its KV again, not read blocks that were never written."""
+    greedy = SamplingParams(max_new_tokens=8, temperature=0, ignore_eos=True)
+    prompt = list(range(10, 60))  # three full blocks
+    reference = make_engine("llama").generate([prompt], greedy)[0].token_ids
+    engine = make_engine("llama")
+    run = engine.runner.run
+
+    def out_of_memory(batch):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(engine.runner, "run", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        engine.generate([prompt], greedy)
+    monkeypatch.setattr(engine.runner, "run", run)
+    out = engine.generate([prompt], greedy)[0]
+    assert out.num_cached_prompt_tokens == 0
+    assert out.token_ids == reference
+    assert engine.generate([prompt], greedy)[0].num_cached_prompt_tokens == 48  # the cache works again
