@@ -399,7 +399,14 @@ class Engine:
             if isinstance(prompt, Request):
                 requests.append(prompt)
             else:
-                ids = prompt.tolist() if hasattr(prompt, "tolist") else list(prompt)  # tensors, arrays
+                ids = prompt.tolist() if hasattr(prompt, "tolist") else prompt  # tensors, arrays
+                if isinstance(ids, str | bytes) or not isinstance(ids, Iterable):
+                    raise RequestError(
+                        f"generate takes a list of prompts, each a list of token ids (or Requests); "
+                        f"got a prompt {prompt!r} ({type(prompt).__name__}): wrap one prompt in a list, "
+                        "generate([token_ids]), and tokenize text first"
+                    )
+                ids = list(ids)
                 requests.append(Request(f"call{self._num_calls}-{len(requests)}", ids))
         return requests
 

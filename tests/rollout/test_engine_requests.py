@@ -4,6 +4,7 @@ end a request after the token that completes them (the stop string is in the out
 from __future__ import annotations
 
 import pytest
+import torch
 
 from rlcpm.errors import RequestError
 from rlcpm.rollout import Request, SamplingParams
@@ -63,6 +64,11 @@ def test_malformed_calls_raise(make_engine):
     assert outs[0].finish_reason == "length" and "appears twice" in outs[1].error
     outs = engine.generate([[1, 2]], OK, max_chunk_tokens=0)
     assert "max_chunk_tokens" in outs[0].error
+    # one prompt not wrapped in a list, or text instead of token ids
+    for prompts in ([1, 2, 3], torch.tensor([1, 2, 3]), "a prompt", ["a prompt"]):
+        with pytest.raises(RequestError, match="generate takes a list of prompts, each a list of token ids"):
+            engine.generate(prompts, OK)
+    assert not engine.scheduler.has_unfinished
 
 
 def test_stop_strings_end_the_request_after_the_completing_token(make_engine, prompts):
