@@ -127,6 +127,12 @@ class Engine:
         ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise EngineError(f"{name} must be an int >= 1, got {value!r}")
+        if max_model_len is not None and (
+            isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or max_model_len < 1
+        ):
+            raise EngineError(
+                f"max_model_len must be an int >= 1 or None (the model's limit), got {max_model_len!r}"
+            )
         config = model.config
         self.model = model.eval()
         self.tokenizer = tokenizer

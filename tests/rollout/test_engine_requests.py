@@ -145,12 +145,15 @@ def test_prompts_as_arrays_and_a_single_id_to_drop(make_engine):
     assert engine.drop_paused("traj-7") == 1  # the id itself, not its characters
 
 
-@pytest.mark.parametrize("setting", ["max_num_seqs", "max_num_batched_tokens", "block_size"])
+@pytest.mark.parametrize("setting", ["max_num_seqs", "max_num_batched_tokens", "block_size", "max_model_len"])
 def test_engine_sizes_below_one_are_refused_at_construction(setting, make_engine):
     from rlcpm.errors import EngineError
 
-    with pytest.raises(EngineError, match=f"{setting} must be an int >= 1, got 0"):
+    with pytest.raises(EngineError, match=f"{setting} must be an int >= 1.*, got 0"):
         make_engine("llama", **{setting: 0})
+    if setting == "max_model_len":  # 0 used to mean the model's limit, -5 refused every request
+        with pytest.raises(EngineError, match="got -5"):
+            make_engine("llama", max_model_len=-5)
 
 
 def test_a_failed_forward_leaves_no_unwritten_blocks_in_the_prefix_cache(make_engine, monkeypatch):
