@@ -177,3 +177,13 @@ def test_a_failed_forward_leaves_no_unwritten_blocks_in_the_prefix_cache(make_en
     assert out.num_cached_prompt_tokens == 0
     assert out.token_ids == reference
     assert engine.generate([prompt], greedy)[0].num_cached_prompt_tokens == 48  # the cache works again
+
+
+def test_no_stop_strings_or_stop_ids_given_as_none(make_engine):
+    """stop=None / stop_token_ids=None (as vLLM takes them) mean none, like the empty defaults."""
+    engine = make_engine("llama")
+    params = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True, stop=None, stop_token_ids=None)
+    assert params.stop == () and params.stop_token_ids == ()
+    default = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+    out, reference = engine.generate([[1, 2, 3], [1, 2, 3]], [params, default])
+    assert out.finish_reason == "length" and out.token_ids == reference.token_ids
