@@ -25,6 +25,7 @@ import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from math import isfinite
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,8 +55,11 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        self.stop_token_ids = tuple(self.stop_token_ids or ())  # None: no stop token ids
+        self.stop_token_ids = tuple(_plain_int(t) for t in self.stop_token_ids or ())  # None: none
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        # numpy integers become ints (seeds are hashed, counts compared, ids sent to Ray)
+        self.max_new_tokens, self.top_k = _plain_int(self.max_new_tokens), _plain_int(self.top_k)
+        self.seed = _plain_int(self.seed)
 
     @property
     def is_greedy(self) -> bool:
@@ -63,7 +67,7 @@ class SamplingParams:
 
     def validate(self, vocab_size: int) -> None:
         """Raise RequestError naming the first invalid field."""
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+        if not _is_int(self.max_new_tokens):
             raise RequestError(f"max_new_tokens must be an int, got {self.max_new_tokens!r}")
         if self.max_new_tokens <= 0:
             raise RequestError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
@@ -75,16 +79,26 @@ class SamplingParams:
             raise RequestError(f"temperature must be finite and >= 0 (0 = greedy), got {self.temperature}")
         if not (0 < self.top_p <= 1):
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not isinstance(self.top_k, int):
+        if not _is_int(self.top_k):
             raise RequestError(f"top_k must be an int (-1 disables it), got {self.top_k!r}")
-        if self.seed is not None and not isinstance(self.seed, int):
+        if self.seed is not None and not _is_int(self.seed):
             raise RequestError(f"seed must be an int or None, got {self.seed!r}")
         for token_id in self.stop_token_ids:
-            if not isinstance(token_id, int) or not (0 <= token_id < vocab_size):
+            if not _is_int(token_id) or not (0 <= token_id < vocab_size):
                 raise RequestError(f"stop token id {token_id!r} is outside the vocabulary [0, {vocab_size})")
         for text in self.stop:
             if not isinstance(text, str) or not text:
                 raise RequestError(f"stop strings must be non-empty strings, got {text!r}")
+
+
+def _is_int(value: Any) -> bool:
+    """An integer, and not a bool (True is an int to Python, never a seed or a count here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _plain_int(value: Any) -> Any:
+    """A numpy integer as a Python int; anything else unchanged (validate() judges it)."""
+    return int(value) if isinstance(value, numbers.Integral) and not isinstance(value, bool | int) else value
 
 
 def _as_column(

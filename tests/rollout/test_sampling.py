@@ -174,11 +174,26 @@ def test_greedy_takes_argmax_and_records_plain_log_softmax():
         (dict(stop_token_ids=[100]), "stop token id 100"),
         (dict(stop=[""]), "stop strings"),
         (dict(top_k=2.5), "top_k"),
+        (dict(top_k=True), "top_k"),
+        (dict(seed=True), "seed"),
+        (dict(max_new_tokens=True), "max_new_tokens"),
+        (dict(stop_token_ids=[True]), "stop token id True"),
     ],
 )
 def test_invalid_sampling_params_raise_request_error(kwargs, match):
     with pytest.raises(RequestError, match=match):
         SamplingParams(**kwargs).validate(vocab_size=100)
+
+
+def test_numpy_integers_are_taken_as_ints():
+    params = SamplingParams(
+        max_new_tokens=np.int64(8), top_k=np.int32(5), seed=np.uint64(7), stop_token_ids=[np.int64(3)]
+    )
+    params.validate(vocab_size=100)
+    assert (params.max_new_tokens, params.top_k, params.seed, params.stop_token_ids) == (8, 5, 7, (3,))
+    assert all(
+        type(v) is int for v in (params.max_new_tokens, params.top_k, params.seed, *params.stop_token_ids)
+    )
 
 
 def test_two_level_inverse_cdf_equals_a_full_cumulative_sum_and_skips_zero_mass():
