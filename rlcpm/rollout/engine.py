@@ -148,6 +148,8 @@ class Engine:
         if drafter is not None:
             bytes_per_block += drafter.kv_block_bytes(block_size)
         if kv_budget_gb is not None:
+            if kv_budget_bytes is not None:
+                raise EngineError("give kv_budget_bytes or kv_budget_gb, not both")
             kv_budget_bytes = int(kv_budget_gb * 1024**3)
         if kv_budget_bytes is None:
             wanted = max_num_seqs * -(-max_model_len // block_size) * bytes_per_block

@@ -156,6 +156,13 @@ def test_engine_sizes_below_one_are_refused_at_construction(setting, make_engine
             make_engine("llama", max_model_len=-5)
 
 
+def test_two_kv_budgets_are_refused(make_engine):
+    from rlcpm.errors import EngineError
+
+    with pytest.raises(EngineError, match="kv_budget_bytes or kv_budget_gb, not both"):
+        make_engine("llama", kv_budget_bytes=1 << 20, kv_budget_gb=0.5)
+
+
 def test_a_failed_forward_leaves_no_unwritten_blocks_in_the_prefix_cache(make_engine, monkeypatch):
     """The blocks a step registers for prefix sharing get their KV from that step's forward:
     when the forward fails (out of memory, an interrupt), a later request with the same prompt
