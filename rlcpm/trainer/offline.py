@@ -85,7 +85,7 @@ def train_offline(recipe: Recipe, resume: bool = False) -> TrainResult:
             start_step=start + 1 if latest is not None else 0,  # the first step this run logs (1-based)
         ) as monitor:  # fmt: skip
             if evaluator is not None and start == 0:
-                summary.update({f"{k}_before": v for k, v in evaluator.run(learner).items()})
+                extra["eval_before"] = evaluator.run(learner)
             for step in range(start, num_steps):
                 batch = [items[i] for i in step_indices(len(items), batch_size, step, recipe.seed)]
                 metrics = learner.sft_step(batch) if isinstance(algo, SFTConfig) else learner.dpo_step(batch)
@@ -99,8 +99,9 @@ def train_offline(recipe: Recipe, resume: bool = False) -> TrainResult:
                 monitor.log(step + 1, metrics)
                 if (step + 1) % recipe.learner.checkpoint.every_steps == 0 or step + 1 == num_steps:
                     state = {"next_step": step + 1, "wandb_run_id": monitor.wandb_run_id}
-                    if "ref_logps" in extra:
-                        state["ref_logps"] = extra["ref_logps"]
+                    for key in ("ref_logps", "eval_before"):
+                        if key in extra:
+                            state[key] = extra[key]
                     learner.save_checkpoint(checkpoint_path(checkpoints, step + 1), extra=state)
                     prune_checkpoints(checkpoints, recipe.learner.checkpoint.keep_last)
             final_dir = (
@@ -109,7 +110,7 @@ def train_offline(recipe: Recipe, resume: bool = False) -> TrainResult:
                 else None
             )
             if evaluator is not None:
-                summary.update(evaluator.run(learner))
+                summary.update(evaluator.summary(extra.get("eval_before"), evaluator.run(learner)))
             summary["train/steps"] = float(num_steps)
             monitor.summary(summary)
             history = list(monitor.history)
@@ -225,6 +226,16 @@ class _Evaluator:
         )
         examples = [e for e in loaded.examples if e.answer is not None][: recipe.eval.num_prompts]
         return cls(recipe, tokenizer, model_dir, examples) if examples else None
+
+    def summary(self, before: dict[str, float] | None, after: dict[str, float]) -> dict[str, float]:
+        """The eval metrics after training and, with a `_before` suffix, before it; plus the
+        accuracy under the names the CLI prints (`greedy_accuracy_*` or `accuracy_*`)."""
+        label = "greedy_accuracy" if self.recipe.eval.greedy else "accuracy"
+        summary = {**after, f"{label}_after": after["eval/accuracy"]}
+        if before is not None:
+            summary.update({f"{k}_before": v for k, v in before.items()})
+            summary[f"{label}_before"] = before["eval/accuracy"]
+        return summary
 
     def run(self, learner) -> dict[str, float]:
         from rlcpm.rewards import math as math_reward

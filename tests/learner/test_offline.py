@@ -147,3 +147,32 @@ def test_sft_says_that_an_explicit_total_steps_is_not_used(tmp_path, tiny_model_
     result = train_offline(_sft_recipe(tmp_path, tiny_model_dir, **sections))
     assert max(r["step"] for r in result.history) == 1  # ceil(0.05 * 320 / 16)
     assert "learner.total_steps (99) is not used; the run takes ceil(epochs x rows / samples_per_step) = 1" in rlcpm_log.text
+
+
+def test_sft_with_eval_prints_its_held_out_accuracy_before_and_after_also_when_resumed(
+    tmp_path, tiny_model_dir, capsys
+):
+    """`rlcpm train` prints the accuracy lines for SFT as for GRPO; a resumed run still knows the
+    accuracy measured before its first step (it is kept in the checkpoints)."""
+    from rlcpm.cli import main
+
+    sections = {
+        "algorithm": {"name": "sft", "epochs": 0.1, "samples_per_step": 16, "max_seq_len": 64},
+        "learner": {"lr": 1e-3, "checkpoint": {"every_steps": 1, "keep_last": 1}},
+        "data": {
+            "train": {"task": "arithmetic", "num_samples": 320, "seed": 0},
+            "eval": {"task": "arithmetic", "num_samples": 2, "seed": 1},
+            "apply_chat_template": False,
+        },
+        "rollout": {"max_new_tokens": 4},
+        "eval": {"num_prompts": 2},
+        "logging": {"wandb": {"mode": "disabled"}, "progress": False},
+    }
+    recipe = _sft_recipe(tmp_path / "run", tiny_model_dir, **sections)
+    path = tmp_path / "sft.yaml"
+    path.write_text(recipe.to_yaml())
+    assert main(["train", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "held-out accuracy (greedy): 0.0% -> 0.0% (+0.0 points)" in out
+    assert main(["train", str(path), "algorithm.epochs=0.15", "--resume"]) == 0
+    assert "held-out accuracy (greedy): 0.0% -> 0.0% (+0.0 points)" in capsys.readouterr().out
