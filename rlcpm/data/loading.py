@@ -13,7 +13,7 @@ import random
 from collections.abc import Iterable
 from typing import Any, Literal
 
-from rlcpm.config import DataConfig, SyntheticData
+from rlcpm.config import DataConfig, FieldMap, SyntheticData
 from rlcpm.data.example import Example, LoadedData
 from rlcpm.data.prompts import PromptRenderer
 from rlcpm.data.readers import RawRow, read_rows
@@ -59,11 +59,13 @@ def load_examples(
     if isinstance(source, SyntheticData):
         label = f"synthetic task {source.task!r}"
         rows: Iterable[RawRow] = synthetic_rows(source)
+        fields = FieldMap()  # synthetic rows use rlcpm's names; data.fields maps the user's files
     else:
         label = source
         rows = read_rows(source, data_cfg.format, split)
+        fields = data_cfg.fields
 
-    builder = _ExampleBuilder(data_cfg, renderer, tokenizer, algorithm)
+    builder = _ExampleBuilder(data_cfg, fields, renderer, tokenizer, algorithm)
     loaded = LoadedData(examples=[], source=label)
     for raw in rows:
         try:
@@ -104,8 +106,11 @@ def synthetic_rows(source: SyntheticData) -> Iterable[RawRow]:
 class _ExampleBuilder:
     """Builds one Example per row; remembers ids to reject duplicates."""
 
-    def __init__(self, data_cfg: DataConfig, renderer: PromptRenderer, tokenizer: Any, algorithm: Algorithm):
+    def __init__(
+        self, data_cfg: DataConfig, fields: FieldMap, renderer: PromptRenderer, tokenizer: Any, algorithm: Algorithm
+    ):
         self.data_cfg = data_cfg
+        self.fields = fields
         self.renderer = renderer
         self.tokenizer = tokenizer
         self.algorithm = algorithm
@@ -114,7 +119,7 @@ class _ExampleBuilder:
     def build(self, raw: RawRow) -> Example:
         if raw.parse_error is not None:
             raise RowError(raw.parse_error)
-        row = parse_row(raw.data, self.data_cfg.fields, self.algorithm)
+        row = parse_row(raw.data, self.fields, self.algorithm)
         prompt, messages = self.renderer.render(row.prompt, row.messages, row.tools)
         self._check_length(prompt)
         example_id = row.id if row.id is not None else f"{raw.name}:{raw.number}"

@@ -116,6 +116,22 @@ def test_field_mapping_from_a_recipe(tmp_path):
     assert (example.id, example.prompt, example.answer) == ("g1", "Q?", "42")
 
 
+def test_a_synthetic_split_beside_a_mapped_file_keeps_its_own_column_names(tmp_path):
+    """data.fields names the user's file columns; synthetic rows always use rlcpm's names."""
+    path = tmp_path / "gsm.jsonl"
+    write_jsonl([{"question": "Q?", "final": "42"}], path)
+    cfg = config(
+        path,
+        eval={"task": "arithmetic", "num_samples": 3, "seed": 0},
+        fields={"prompt": "question", "answer": "final"},
+    )
+    (example,) = load_examples(cfg, "train").examples
+    assert (example.prompt, example.answer) == ("Q?", "42")
+    expected = generate("arithmetic", 3, seed=0)
+    examples = load_examples(cfg, "eval").examples
+    assert [(e.prompt, e.answer) for e in examples] == [(r["prompt"], r["answer"]) for r in expected]
+
+
 def test_chat_template_and_system_prompt_applied(write_jsonl_lines, chatml_tokenizer):
     path = write_jsonl_lines([{"prompt": "2+2?", "answer": "4"}])
     cfg = config(path, apply_chat_template=True, system_prompt="Use \\boxed{}.")
