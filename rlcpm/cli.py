@@ -90,7 +90,8 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
 
 
 def _validate(args) -> int:
-    """Print the resolved recipe; exit 2 on a schema problem or a reward that does not resolve.
+    """Print the resolved recipe; exit 2 on a schema problem, a reward that does not resolve or a
+    synthetic task option the generator does not take.
     Paths missing on this machine are notes only: a recipe may be meant for another one."""
     from rlcpm.config import load_recipe
     from rlcpm.trainer.preflight import (
@@ -98,6 +99,7 @@ def _validate(args) -> int:
         check_model_source,
         check_rewards,
         check_sparse_attention,
+        check_synthetic_data,
     )
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -109,6 +111,10 @@ def _validate(args) -> int:
         check_sparse_attention(recipe)
     except RecipeError as err:
         raise RecipeError(err.problems, source=args.recipe) from err
+    try:
+        check_synthetic_data(recipe)
+    except RlcpmError as err:
+        raise RecipeError([str(err)], source=args.recipe) from err
     print(recipe.to_yaml(), end="")
     for check in (check_model_source, check_data_paths):
         try:

@@ -101,3 +101,12 @@ def test_a_run_reports_its_held_out_accuracy_before_and_after():
     result = TrainResult(Path("runs/x"), summary={"accuracy_before": 0.51, "accuracy_after": 0.845,
                                                   "greedy_accuracy_before": 0.835})  # fmt: skip
     assert result.accuracy_lines() == ["held-out accuracy (sampled): 51.0% -> 84.5% (+33.5 points)"]
+
+
+def test_validate_fails_on_a_synthetic_task_option_the_generator_does_not_take(capsys):
+    quickstart = str(ROOT / "recipes" / "quickstart.yaml")
+    assert main(["validate", quickstart, "data.eval.options={digitz: 2}"]) == 2
+    err = capsys.readouterr().err
+    assert "data.eval: synthetic task 'arithmetic': unknown option(s) ['digitz']" in err
+    assert main(["validate", quickstart, "data.train.options.num_steps=[3, 1]"]) == 2
+    assert "data.train: synthetic option 'num_steps' must satisfy 1 <= low <= high" in capsys.readouterr().err

@@ -28,6 +28,7 @@ def check_run(recipe: Recipe, resume: bool) -> None:
     check_model_source(recipe)
     check_sparse_attention(recipe)
     check_data_paths(recipe)
+    check_synthetic_data(recipe)
     check_rewards(recipe)
 
 
@@ -104,6 +105,21 @@ def check_sparse_attention(recipe: Recipe) -> None:
         config.check_kv_block_size(DEFAULT_BLOCK_SIZE)
     except RlcpmError as err:
         raise RecipeError([f"model.sparse_attention: {err}"]) from err
+
+
+def check_synthetic_data(recipe: Recipe) -> None:
+    """A synthetic data.train / data.eval task takes its `options` (one row is generated: unknown
+    option names and bad values raise DataError naming the split)."""
+    from rlcpm.config import SyntheticData
+    from rlcpm.data.synthetic import generate
+
+    for split in ("train", "eval"):
+        source = getattr(recipe.data, split)
+        if isinstance(source, SyntheticData):
+            try:
+                generate(source.task, 1, source.seed, **source.options)
+            except DataError as err:
+                raise DataError(f"data.{split}: {err}") from err
 
 
 def check_data_paths(recipe: Recipe) -> None:

@@ -59,6 +59,8 @@ def test_missing_model_tokenizer_data_and_rewards_are_named(tmp_path):
         check_run(recipe(tmp_path, **{"model.tokenizer": "/nope"}), False)
     with pytest.raises(DataError, match="data.train: dataset path not found"):
         check_run(recipe(tmp_path, **{"data.train": str(tmp_path / "none.jsonl")}), False)
+    with pytest.raises(DataError, match=r"data.train: synthetic task 'arithmetic': unknown option\(s\) \['digitz'\]"):
+        check_run(recipe(tmp_path, **{"data.train.options": {"digitz": 2}}), False)
     with pytest.raises(RewardError, match="did you mean 'math'"):
         check_run(recipe(tmp_path, rewards=[{"name": "mathh"}]), False)
 
