@@ -18,9 +18,14 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError as err:
             raise RlcpmError(f"{path}:{number}: not a JSON object ({err})") from err
+        if not isinstance(row, dict) or "step" not in row:
+            raise RlcpmError(f"{path}:{number}: not a JSON object with a step (got {line[:60]!r})")
+        rows.append(row)
+    if not rows:
+        raise RlcpmError(f"{path}: no metrics logged yet (the run stopped before its first step)")
     return rows
 
 

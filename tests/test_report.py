@@ -30,3 +30,17 @@ def test_report_errors(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n')
     with pytest.raises(RlcpmError, match="metrics.jsonl:2"):
         write_report(tmp_path)
+
+
+def test_report_on_a_run_that_logged_no_step_yet_says_so(tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_text("")  # the Monitor creates it before the first step
+    with pytest.raises(RlcpmError, match="no metrics logged yet"):
+        write_report(tmp_path)
+    assert main(["report", str(tmp_path)]) == 1
+    assert "no metrics logged yet" in capsys.readouterr().err
+
+
+def test_report_names_a_line_that_is_json_but_not_an_object(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train/loss": 1.0}\n[1, 2]\n')
+    with pytest.raises(RlcpmError, match="metrics.jsonl:2: not a JSON object"):
+        write_report(tmp_path)
