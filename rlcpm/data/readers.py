@@ -74,7 +74,8 @@ def read_rows(path: str | Path, fmt: str = "auto", split: str = "train") -> Iter
     """Every row of a file or directory, in order. `split` picks the split of a DatasetDict.
 
     Raises DataError when the path does not exist, holds no data files, or a whole file is
-    unreadable (a JSON file that does not parse, a Parquet file that is not Parquet).
+    unreadable (a JSON file that does not parse, a Parquet file that is not Parquet, a text
+    file that is not UTF-8).
     """
     root = Path(path).expanduser()
     if not root.exists():
@@ -86,8 +87,14 @@ def read_rows(path: str | Path, fmt: str = "auto", split: str = "train") -> Iter
             if file_fmt == "arrow" and file.is_dir()
             else _READERS[file_fmt](file)
         )
-        for row in rows:
-            yield RawRow(str(file), name, *row)
+        location = None
+        try:
+            for row in rows:
+                location = row[0]
+                yield RawRow(str(file), name, *row)
+        except UnicodeDecodeError as err:
+            where = f" after {location}" if location else ""
+            raise DataError(f"{file}: not UTF-8 text{where} ({err.reason}); save the file as UTF-8") from err
 
 
 def _resolve_sources(root: Path, fmt: str) -> list[tuple[Path, str]]:

@@ -135,6 +135,16 @@ def test_missing_and_empty_paths(tmp_path):
         _data(tmp_path / "empty")
 
 
+@pytest.mark.parametrize("name", ["train.jsonl", "train.csv", "train.json"])
+def test_a_text_file_that_is_not_utf8_fails_with_its_path(tmp_path, name):
+    path = tmp_path / name
+    header = {"train.jsonl": b"", "train.csv": b"prompt,answer\n", "train.json": b"["}[name]
+    row = {"train.jsonl": b'{"prompt": "ok", "answer": "1"}\n', "train.csv": b"ok,1\n", "train.json": b""}[name]
+    path.write_bytes(header + row + "Café?".encode("latin-1") + b"\n")  # Latin-1, as older tools save
+    with pytest.raises(DataError, match=f"{name}: not UTF-8 text.*save the file as UTF-8"):
+        _data(path)
+
+
 def test_detect_format():
     from pathlib import Path
 
