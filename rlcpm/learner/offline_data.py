@@ -61,8 +61,9 @@ def tokenize_preferences(examples: Sequence, tokenizer, max_seq_len: int) -> tup
     return pairs, skipped
 
 
-def step_indices(num_items: int, batch_size: int, step: int, seed: int) -> list[int]:
-    """Item indices of training step `step`: consecutive slices of seeded per-epoch permutations.
+def step_indices(num_items: int, batch_size: int, step: int, seed: int, shuffle: bool = True) -> list[int]:
+    """Item indices of training step `step`: consecutive slices of seeded per-epoch permutations
+    (with `shuffle` false, of the items' own order: `data.shuffle: false`).
 
     A pure function of (step, seed), so a resumed run visits exactly what the straight run would.
     """
@@ -73,7 +74,8 @@ def step_indices(num_items: int, batch_size: int, step: int, seed: int) -> list[
     while len(indices) < batch_size:
         epoch, offset = divmod(position, num_items)
         order = list(range(num_items))
-        random.Random(f"{seed}-epoch-{epoch}").shuffle(order)
+        if shuffle:
+            random.Random(f"{seed}-epoch-{epoch}").shuffle(order)
         take = min(batch_size - len(indices), num_items - offset)
         indices += order[offset : offset + take]
         position += take

@@ -87,7 +87,8 @@ def train_offline(recipe: Recipe, resume: bool = False) -> TrainResult:
             if evaluator is not None and start == 0:
                 extra["eval_before"] = evaluator.run(learner)
             for step in range(start, num_steps):
-                batch = [items[i] for i in step_indices(len(items), batch_size, step, recipe.seed)]
+                indices = step_indices(len(items), batch_size, step, recipe.seed, recipe.data.shuffle)
+                batch = [items[i] for i in indices]
                 metrics = learner.sft_step(batch) if isinstance(algo, SFTConfig) else learner.dpo_step(batch)
                 metrics["train/epoch"] = (step + 1) * batch_size / len(items)
                 if (

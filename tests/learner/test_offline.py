@@ -176,3 +176,23 @@ def test_sft_with_eval_prints_its_held_out_accuracy_before_and_after_also_when_r
     assert "held-out accuracy (greedy): 0.0% -> 0.0% (+0.0 points)" in out
     assert main(["train", str(path), "algorithm.epochs=0.15", "--resume"]) == 0
     assert "held-out accuracy (greedy): 0.0% -> 0.0% (+0.0 points)" in capsys.readouterr().out
+
+
+def test_sft_with_data_shuffle_false_trains_on_the_rows_in_file_order(tmp_path, tiny_model_dir):
+    """data.shuffle: false keeps the file's order (a curriculum) in every epoch, as GRPO's prompt
+    stream does; the default shuffles each epoch."""
+    from rlcpm.data import write_jsonl
+
+    rows = [{"prompt": "Say x.", "response": " ".join(["x"] * n)} for n in range(1, 7)]
+    path = write_jsonl(rows, tmp_path / "curriculum.jsonl")
+    sections = {
+        "algorithm": {"name": "sft", "epochs": 2, "samples_per_step": 1, "max_seq_len": 64},
+        "data": {"train": str(path), "eval": None, "apply_chat_template": False, "shuffle": False},
+    }
+    result = train_offline(_sft_recipe(tmp_path / "run", tiny_model_dir, **sections))
+    tokens = [r["train/num_tokens"] for r in result.history]
+    assert tokens[:6] == sorted(tokens[:6]) and len(set(tokens[:6])) == 6, tokens
+    assert tokens[6:] == tokens[:6]
+    sections["data"]["shuffle"] = True
+    shuffled = train_offline(_sft_recipe(tmp_path / "run2", tiny_model_dir, **sections))
+    assert [r["train/num_tokens"] for r in shuffled.history][:6] != tokens[:6]
