@@ -72,6 +72,14 @@ def train_offline(recipe: Recipe, resume: bool = False) -> TrainResult:
         extra = learner.load_checkpoint(latest)
         start = extra["next_step"]
         log.info("resumed from %s at step %d", latest, start)
+        if isinstance(algo, SFTConfig) and start >= num_steps:
+            log.warning(
+                "resume: %s is at step %d of the %d this recipe takes: nothing left to train (raise "
+                "algorithm.epochs to continue); the final evaluation and export run again",
+                run_dir,
+                start,
+                num_steps,
+            )
     elif resume:
         log.info("no checkpoint under %s: starting from step 0", checkpoints)
     if isinstance(algo, DPOConfig) and algo.precompute_ref:

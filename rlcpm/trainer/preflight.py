@@ -24,7 +24,8 @@ def check_run(recipe: Recipe, resume: bool) -> None:
     """Everything below, in order; the first problem raises."""
     from rlcpm.trainer import run_dir_of
 
-    check_run_dir(run_dir_of(recipe), resume, recipe.learner.total_steps)
+    sft = recipe.algorithm.name == "sft"  # its steps come from the data: the offline loop checks
+    check_run_dir(run_dir_of(recipe), resume, None if sft else recipe.learner.total_steps)
     check_model_source(recipe)
     check_sparse_attention(recipe)
     check_data_paths(recipe)
@@ -40,10 +41,10 @@ def check_rewards(recipe: Recipe) -> None:
         resolve_terms(recipe.rewards)
 
 
-def check_run_dir(run_dir: Path, resume: bool, total_steps: int) -> None:
+def check_run_dir(run_dir: Path, resume: bool, total_steps: int | None) -> None:
     """A fresh run must not start in a directory holding an earlier run's checkpoints: its own
     would be pruned in favour of the older, higher-numbered ones, and a later resume would
-    continue the old run."""
+    continue the old run. A resume past `total_steps` is reported (None: not known yet)."""
     checkpoints = list_checkpoints(run_dir / "checkpoints")
     if not resume:
         if checkpoints:
@@ -55,7 +56,7 @@ def check_run_dir(run_dir: Path, resume: bool, total_steps: int) -> None:
         return
     if not checkpoints:
         log.warning("resume: no checkpoint under %s: starting a fresh run there", run_dir / "checkpoints")
-    elif checkpoints[-1][0] >= total_steps:
+    elif total_steps is not None and checkpoints[-1][0] >= total_steps:
         log.warning(
             "resume: %s is at step %d, learner.total_steps is %d: nothing left to train (raise "
             "learner.total_steps to continue); the final evaluation and export run again",

@@ -196,3 +196,17 @@ def test_sft_with_data_shuffle_false_trains_on_the_rows_in_file_order(tmp_path, 
     sections["data"]["shuffle"] = True
     shuffled = train_offline(_sft_recipe(tmp_path / "run2", tiny_model_dir, **sections))
     assert [r["train/num_tokens"] for r in shuffled.history][:6] != tokens[:6]
+
+
+def test_resuming_a_finished_sft_run_says_to_raise_the_epochs(tmp_path, tiny_model_dir, rlcpm_log):
+    sections = {
+        "algorithm": {"name": "sft", "epochs": 0.1, "samples_per_step": 16, "max_seq_len": 64},
+        "data": {"train": {"task": "arithmetic", "num_samples": 320, "seed": 0}, "eval": None,
+                 "apply_chat_template": False},
+    }  # fmt: skip
+    recipe = _sft_recipe(tmp_path, tiny_model_dir, **sections)
+    train(recipe)
+    resumed = train(recipe, resume=True)
+    assert resumed.history == []
+    assert "is at step 2 of the 2 this recipe takes: nothing left to train (raise algorithm.epochs" in rlcpm_log.text
+    assert "learner.total_steps" not in rlcpm_log.text

@@ -52,6 +52,14 @@ def test_resume_warns_when_there_is_nothing_to_resume_or_nothing_left(tmp_path, 
     assert "nothing left to train" in caplog.text
 
 
+def test_resume_of_sft_does_not_judge_its_progress_by_learner_total_steps(tmp_path, rlcpm_log):
+    """SFT takes ceil(epochs x rows / samples_per_step) steps, not learner.total_steps (100 by
+    default): a checkpoint at step 150 may well have steps left (the offline loop says when not)."""
+    fake_checkpoint(tmp_path, 150)
+    check_run(recipe(tmp_path, algorithm={"name": "sft", "epochs": 2}), resume=True)
+    assert "nothing left to train" not in rlcpm_log.text
+
+
 def test_missing_model_tokenizer_data_and_rewards_are_named(tmp_path):
     with pytest.raises(CheckpointError, match="model directory not found: /nope"):
         check_run(recipe(tmp_path, model={"path": "/nope"}), False)
