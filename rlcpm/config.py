@@ -537,7 +537,9 @@ def _load_with_extends(path: Path, seen: tuple[Path, ...]) -> dict:
         chain = " -> ".join(str(p) for p in (*seen, resolved))
         raise RecipeError([f"`extends` forms a cycle: {chain}"], source=str(path))
     try:
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+    except _DuplicateKeyError as err:
+        raise RecipeError([str(err)], source=str(path)) from err
     except yaml.YAMLError as err:
         raise RecipeError([f"not valid YAML: {err}"], source=str(path)) from err
     if not isinstance(loaded, dict):
@@ -549,6 +551,27 @@ def _load_with_extends(path: Path, seen: tuple[Path, ...]) -> dict:
     for parent in [parents] if isinstance(parents, str) else list(parents):
         merged = deep_merge(merged, _load_with_extends(path.parent / parent, (*seen, resolved)))
     return deep_merge(merged, loaded)
+
+
+class _DuplicateKeyError(Exception):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load, except that a key written twice in one mapping is an error (YAML loaders keep
+    the last one, so a second `learner:` block would silently drop the first one's settings)."""
+
+    def construct_mapping(self, node, deep=False):
+        first_line: dict = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, str | int | float | bool) and key in first_line:
+                raise _DuplicateKeyError(f"duplicate key {key!r} at line {line} (first at line {first_line[key]})")
+            first_line.setdefault(key, line)
+        return super().construct_mapping(node, deep=deep)
 
 
 def deep_merge(base: dict, update: dict) -> dict:

@@ -234,6 +234,20 @@ def test_missing_file_and_bad_yaml(tmp_path):
         load_recipe(write(tmp_path, "list.yaml", "- 1\n- 2\n"))
 
 
+def test_a_key_written_twice_is_an_error_not_a_silent_override(tmp_path):
+    """YAML loaders keep the last of two equal keys: a second `learner:` block would drop the
+    first one's settings without a word."""
+    text = MINIMAL + "learner:\n  lr: 0.5\nrollout: {n_samples: 4}\nlearner:\n  total_steps: 7\n"
+    with pytest.raises(RecipeError) as excinfo:
+        load_recipe(write(tmp_path, "dup.yaml", text))
+    assert problems_of(excinfo) == ["duplicate key 'learner' at line 8 (first at line 5)"]
+    nested = MINIMAL + "learner: {lr: 0.5, schedule: {name: wsd}, lr: 0.1}\n"
+    with pytest.raises(RecipeError, match="duplicate key 'lr' at line 5"):
+        load_recipe(write(tmp_path, "nested.yaml", nested))
+    anchored = MINIMAL.replace("data: {train: {task: arithmetic}}", "data:\n  train: &t {task: arithmetic, seed: 1}\n  eval: {<<: *t, seed: 2}")
+    assert load_recipe(write(tmp_path, "anchored.yaml", anchored)).data.eval.seed == 2  # merge keys may be overridden
+
+
 def test_resolved_recipe_round_trips(tmp_path):
     recipe = load_recipe(write(tmp_path, "r.yaml", MINIMAL), ["rollout.chunk_tokens=64"])
     again = write(tmp_path, "again.yaml", recipe.to_yaml())
