@@ -58,7 +58,7 @@ class Learner:
     ):
         self.recipe, self.config, self.algorithm = recipe, recipe.learner, recipe.algorithm
         self.rank, self.world_size = rank, world_size
-        self.device = _resolve_device(recipe.model.device)
+        self.device = resolve_device(recipe.model.device)
         self.uses_bf16_autocast = self.config.precision == "bf16-mixed" or (
             self.config.precision == "auto" and self.device.type == "cuda"
         )
@@ -421,7 +421,8 @@ class Learner:
         destroy_process_group()
 
 
-def _resolve_device(device: str) -> torch.device:
+def resolve_device(device: str) -> torch.device:
+    """model.device -> a torch device ("auto": CUDA when one is visible, else the CPU)."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":

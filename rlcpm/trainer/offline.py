@@ -216,13 +216,25 @@ def _write_final(learner, tokenizer, model_dir: Path, run_dir: Path) -> Path:
 
 
 class _Evaluator:
-    """Greedy (or sampled) generation on `data.eval` with rlcpm's engine; accuracy by the math reward."""
+    """Greedy (or sampled) generation on `data.eval` with rlcpm's engine; accuracy by the math
+    reward. The engine runs as a GRPO run's rollout workers would: on the model's device, in the
+    rollout dtype, with the model's attention backend."""
 
     def __init__(self, recipe: Recipe, tokenizer, model_dir: Path, examples: list):
+        from rlcpm.learner.learner import resolve_device
         from rlcpm.rollout import Engine
+        from rlcpm.trainer.rollout_pool import engine_dtype
 
         self.recipe, self.tokenizer, self.examples = recipe, tokenizer, examples
-        self.engine = Engine.from_pretrained(str(model_dir), dtype="float32", device="cpu")
+        model = recipe.model
+        self.engine = Engine.from_pretrained(
+            str(model_dir),
+            dtype=engine_dtype(recipe),
+            device=resolve_device(model.device),
+            attention=model.attention,
+            sparse_config=model.sparse_config_override(),
+            seed=recipe.seed,
+        )
 
     @classmethod
     def maybe(cls, recipe: Recipe, tokenizer, model_dir: Path) -> _Evaluator | None:
@@ -249,15 +261,21 @@ class _Evaluator:
     def run(self, learner) -> dict[str, float]:
         from rlcpm.rewards import math as math_reward
         from rlcpm.rollout import SamplingParams
+        from rlcpm.trainer.rollout_pool import engine_weight_dtype
 
-        self.engine.update_weights(learner.named_weights(), version=learner.policy_version)
-        temperature = (
-            0.0
-            if self.recipe.eval.greedy
-            else (self.recipe.eval.temperature or self.recipe.rollout.temperature)
-        )
+        dtype = engine_weight_dtype(self.recipe)
+        tensors = ((name, t if dtype is None else t.to(dtype)) for name, t in learner.named_weights())
+        self.engine.update_weights(tensors, version=learner.policy_version)
+        rollout, eval_cfg = self.recipe.rollout, self.recipe.eval
+        temperature = 0.0 if eval_cfg.greedy else (eval_cfg.temperature or rollout.temperature)
         params = SamplingParams(
-            max_new_tokens=self.recipe.rollout.max_new_tokens, temperature=temperature, seed=self.recipe.seed
+            max_new_tokens=rollout.max_new_tokens,
+            temperature=temperature,
+            top_p=rollout.top_p if temperature > 0 else 1.0,
+            top_k=rollout.top_k if temperature > 0 else -1,
+            seed=self.recipe.seed,
+            stop=list(rollout.stop),
+            stop_token_ids=list(rollout.stop_token_ids),
         )
         prompts = [self.tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in self.examples]
         outputs = self.engine.generate(prompts, params)

@@ -63,14 +63,11 @@ class RolloutPool:
 
     @property
     def dtype(self) -> str:
-        """The engines' dtype: rollout.dtype, else the model's ("auto": the checkpoint's)."""
-        rollout = self.recipe.rollout
-        return rollout.dtype if rollout.dtype != "auto" else self.recipe.model.dtype
+        return engine_dtype(self.recipe)
 
     @property
     def weight_dtype(self) -> torch.dtype | None:
-        """What learner weights are cast to before they are sent (None: sent as they are)."""
-        return None if self.dtype == "auto" else getattr(torch, self.dtype)
+        return engine_weight_dtype(self.recipe)
 
     def _spawn(self):
         rollout = self.recipe.rollout
@@ -251,6 +248,18 @@ class RolloutPool:
         for w in self.workers:
             ray.kill(w, no_restart=True)
         self.workers = []
+
+
+def engine_dtype(recipe: Recipe) -> str:
+    """The engines' dtype: rollout.dtype, else the model's ("auto": the checkpoint's)."""
+    rollout = recipe.rollout
+    return rollout.dtype if rollout.dtype != "auto" else recipe.model.dtype
+
+
+def engine_weight_dtype(recipe: Recipe) -> torch.dtype | None:
+    """What learner weights are cast to before an engine gets them (None: sent as they are)."""
+    dtype = engine_dtype(recipe)
+    return None if dtype == "auto" else getattr(torch, dtype)
 
 
 def _params(rollout, req: ChunkRequest) -> SamplingParams:

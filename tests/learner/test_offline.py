@@ -210,3 +210,21 @@ def test_resuming_a_finished_sft_run_says_to_raise_the_epochs(tmp_path, tiny_mod
     assert resumed.history == []
     assert "is at step 2 of the 2 this recipe takes: nothing left to train (raise algorithm.epochs" in rlcpm_log.text
     assert "learner.total_steps" not in rlcpm_log.text
+
+
+def test_offline_evaluation_runs_the_engine_as_the_rollout_settings_say(tmp_path, tiny_model_dir):
+    """The held-out evaluation of an SFT run samples like a GRPO run's rollout workers: in
+    rollout.dtype (it was float32 whatever the recipe said), with the learner's weights cast to it."""
+    from rlcpm.learner.learner import Learner
+    from rlcpm.models import load_tokenizer
+    from rlcpm.trainer.offline import _Evaluator
+
+    recipe = _sft_recipe(
+        tmp_path / "run", tiny_model_dir, rollout={"max_new_tokens": 6, "dtype": "bfloat16"}
+    )
+    evaluator = _Evaluator.maybe(recipe, load_tokenizer(tiny_model_dir), tiny_model_dir)
+    assert evaluator.engine.model.dtype == torch.bfloat16
+    learner = Learner(recipe, model_dir=tiny_model_dir)  # float32 weights, cast for the bfloat16 engine
+    metrics = evaluator.run(learner)
+    assert 0.0 <= metrics["eval/accuracy"] <= 1.0
+    assert evaluator.engine.weight_version == learner.policy_version
