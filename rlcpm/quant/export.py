@@ -28,6 +28,7 @@ from torch import nn
 
 from rlcpm.errors import CheckpointError
 from rlcpm.kernels.ternary import pack_ternary
+from rlcpm.models.checkpoint import QAT_LATENT_KEY
 from rlcpm.quant.bitlinear import BitLinear
 from rlcpm.quant.qat import qat_group_sizes, replace_module
 from rlcpm.quant.ternary import quantize
@@ -112,6 +113,7 @@ def save_ternary_model(
     path.mkdir(parents=True, exist_ok=True)
     _write_safetensors(tensors, path, max_shard_bytes)
     config = model.config.to_hf()
+    config.pop(QAT_LATENT_KEY, None)  # a model started from a QAT checkpoint: this export is not latent
     float_dtypes = {t.dtype for name, t in tensors.items() if t.is_floating_point()}
     config["torch_dtype"] = str(dtype or max(float_dtypes, key=lambda d: torch.finfo(d).bits)).removeprefix(
         "torch."

@@ -136,3 +136,16 @@ def test_load_errors_name_the_problem(make_model, tmp_path):
 def test_export_needs_a_qat_model(make_model, tmp_path):
     with pytest.raises(CheckpointError, match="needs a QAT model"):
         save_ternary_model(make_model(), tmp_path)
+
+
+def test_export_of_a_model_loaded_from_a_qat_checkpoint_is_not_marked_latent(make_model, tmp_path, rlcpm_log):
+    """QAT started again from an earlier QAT checkpoint's model/ (its config marks latent weights):
+    the packed export is the ternary model, so loading it must not warn that it holds latent weights."""
+    from rlcpm.models.checkpoint import QAT_LATENT_KEY
+
+    model = _qat_model(make_model)
+    model.config.extra[QAT_LATENT_KEY] = {"group_size": 32}
+    save_ternary_model(model, tmp_path)
+    assert QAT_LATENT_KEY not in json.loads((tmp_path / "config.json").read_text())
+    assert isinstance(load_model(tmp_path).model.layers[0].mlp.up_proj, TernaryLinear)
+    assert "latent weights" not in rlcpm_log.text
