@@ -51,7 +51,10 @@ def _speculative_settings(speculative: Any):
     if isinstance(speculative, SpeculativeConfig):
         return speculative
     try:
-        return SpeculativeConfig.model_validate(dict(speculative))
+        settings = dict(speculative)
+        # paths as Engine.from_pretrained takes them: a pathlib.Path is a path, not a type error
+        settings = {k: os.fspath(v) if isinstance(v, os.PathLike) else v for k, v in settings.items()}
+        return SpeculativeConfig.model_validate(settings)
     except (TypeError, ValueError, ValidationError) as err:
         raise EngineError(f"speculative settings {speculative!r}: {err}") from err
 

@@ -283,6 +283,26 @@ def test_speculative_settings_are_checked_like_a_recipe(tiny_dirs, draft_dir):
             Engine.from_pretrained(target, dtype="float32", speculative=bad)
 
 
+def test_speculative_paths_may_be_path_objects(tiny_dirs, draft_dir, make_engine, prompts, tmp_path):
+    """Engine.from_pretrained takes a pathlib.Path; so do the speculative settings' paths (a Path
+    draft or frspec_vocab was refused with "Input should be a valid string")."""
+    from rlcpm.rollout.frspec import build_frequency_file
+
+    rows = tmp_path / "corpus.jsonl"
+    rows.write_text('{"prompt": "What is 12 + 7?", "response": " 19"}\n')
+    build_frequency_file(rows, tiny_dirs["llama"], top_k=10, output=tmp_path / "vocab.json")
+    engine = Engine.from_pretrained(
+        tiny_dirs["llama"],
+        dtype="float32",
+        kv_budget_bytes=4 * 1024**2,
+        speculative={"draft": draft_dir, "num_draft_tokens": 2, "frspec_vocab": tmp_path / "vocab.json"},
+    )
+    assert not engine.speculator.drafter.head.is_full_vocabulary
+    batch = prompts(n=2, seed=19)
+    plain = make_engine("llama").generate(batch, GREEDY)
+    assert [o.token_ids for o in engine.generate(batch, GREEDY)] == [p.token_ids for p in plain]
+
+
 def test_a_draft_with_another_tokenizer_is_refused(tiny_dirs, draft_dir, tmp_path):
     from rlcpm.errors import EngineError
     from rlcpm.models.tiny import save_tokenizer
