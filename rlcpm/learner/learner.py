@@ -47,7 +47,13 @@ from rlcpm.learner.step_stats import StepStats
 from rlcpm.learner.weights import DEFAULT_BUCKET_BYTES, NamedTensors, iter_weight_buckets
 from rlcpm.models import load_model
 from rlcpm.models.checkpoint import QAT_LATENT_KEY, checkpoint_files
-from rlcpm.quant import prepare_qat, quantized_named_tensors, save_ternary_model, with_rewarmup
+from rlcpm.quant import (
+    TernaryLinear,
+    prepare_qat,
+    quantized_named_tensors,
+    save_ternary_model,
+    with_rewarmup,
+)
 
 
 class Learner:
@@ -79,6 +85,12 @@ class Learner:
             attention=recipe.model.attention,
             sparse_config=recipe.model.sparse_config_override(),
         )
+        packed = next((n for n, m in self.policy.named_modules() if isinstance(m, TernaryLinear)), None)
+        if packed is not None:  # its decoder is uint8 codes (buffers): only embeddings and norms would train
+            raise TrainingError(
+                f"{self.model_dir} is a packed ternary export ({packed} is a packed ternary layer): it cannot "
+                "be trained; start from the high-precision checkpoint (with learner.qat for ternary training)"
+            )
         if recipe.model.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
         if self.device.type == "cpu" and self.config.cpu_gemm == "onednn":

@@ -147,3 +147,17 @@ def test_engine_runs_a_packed_model_like_the_dense_w_q_model(make_learner, tiny_
 def test_qat_with_lora_is_refused_by_the_recipe(make_learner):
     with pytest.raises(RecipeError, match=r"learner: .*lora and qat cannot be combined"):
         make_learner({"learner": {"lora": {"rank": 4}}})
+
+
+@pytest.mark.parametrize(
+    "settings", [{"qat": {"enabled": False}}, {"lora": {"rank": 4}, "qat": {"enabled": False}}]
+)
+def test_a_packed_export_is_refused_as_the_policy_without_qat_too(make_learner, tmp_path, settings):
+    """Without QAT a packed model used to load as the policy with only its embeddings, norms and
+    LM head trainable (the decoder's codes are buffers): training silently left the decoder
+    frozen, and the RL weight sync then failed on 'unknown tensor ...q_proj.weight'."""
+    from rlcpm.errors import TrainingError
+
+    make_learner().export_hf(tmp_path / "packed")
+    with pytest.raises(TrainingError, match="packed ternary"):
+        make_learner({"model": {"path": str(tmp_path / "packed")}, "learner": settings})
