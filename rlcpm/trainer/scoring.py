@@ -5,6 +5,8 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 
+import torch
+
 from rlcpm.config import GRPOConfig, RolloutConfig
 from rlcpm.rewards import RewardResult, Sample, is_repetitive, overlong_penalty, summarize
 from rlcpm.trainer.filters import has_signal, is_binary, response_loss_mask
@@ -62,8 +64,12 @@ def attach_rewards(
 
 
 def passes_dynamic_sampling(group: Group) -> bool:
-    """0 < #correct < G (binary rewards) or reward std > 0, over the samples that were not dropped."""
-    rewards = [r for r, d in zip(group.rewards or [], group.dropped or []) if not d]
+    """0 < #correct < G (binary rewards) or reward std > 0, over the samples that were not dropped.
+
+    Judged in float32, the precision the advantages are computed in (GRPOTrainer.train_step):
+    rewards that differ in float64 only (0.1 + 0.2 and 0.3) would pass with all-zero advantages."""
+    kept = [r for r, d in zip(group.rewards or [], group.dropped or []) if not d]
+    rewards = torch.tensor(kept, dtype=torch.float32).tolist()
     return has_signal(rewards, binary=is_binary(rewards))
 
 

@@ -151,3 +151,21 @@ def test_groups_with_dropped_samples_are_normalised_over_the_kept_ones():
     assert advantages[0].tolist() == pytest.approx(expected, rel=1e-5)  # not +-1.32 (std over all 8)
     untouched = torch.tensor([1.0] + [0.0] * 7)
     assert advantages[1].tolist() == pytest.approx(((untouched - 0.125) / (untouched.std() + 1e-6)).tolist())
+
+
+def test_rewards_equal_in_float32_have_no_signal():
+    """The filter judges rewards at the precision the advantages are computed at: weighted totals
+    0.1 + 0.2 and 0.3 differ in float64 only, and such a group trains on all-zero advantages."""
+    import torch
+
+    from rlcpm.config import GRPOConfig
+    from rlcpm.trainer.rl_loop import group_advantages
+    from rlcpm.trainer.scoring import passes_dynamic_sampling
+    from rlcpm.trainer.trajectory import Group
+
+    rewards = [0.1 + 0.2, 0.3, 0.3, 0.1 + 0.2]
+    group = Group("g0", None, [], rewards=rewards, dropped=[False] * 4)
+    assert group_advantages([group], torch.tensor([rewards]), GRPOConfig()).abs().max() == 0.0
+    assert not passes_dynamic_sampling(group)
+    group.rewards = [0.3, 0.3, 0.3, 0.31]
+    assert passes_dynamic_sampling(group)
