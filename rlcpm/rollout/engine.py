@@ -202,6 +202,7 @@ class Engine:
         attention: str = "dense",
         sparse_config: dict | None = None,
         speculative: Any = None,
+        draft_keep_token_ids: Iterable[int] = (),
         **engine_kwargs: Any,
     ) -> Engine:
         """Load a Hugging Face directory (config.json + safetensors + tokenizer) into an engine.
@@ -210,7 +211,8 @@ class Engine:
         else from config.json / the tokenizer. ``attention`` names the attention backend;
         ``sparse_config`` overrides the checkpoint's InfLLM v2 settings key by key (attention="sparse").
         ``speculative``: ``{draft, num_draft_tokens, frspec_vocab}`` (a mapping or the recipe's
-        ``rollout.speculative``) turns on speculative decoding (docs/speculative.md).
+        ``rollout.speculative``) turns on speculative decoding (docs/speculative.md); the FR-Spec
+        subset always holds the EOS ids and ``draft_keep_token_ids`` (a recipe's stop token ids).
         """
         from rlcpm.models import load_model, load_tokenizer
 
@@ -231,7 +233,7 @@ class Engine:
                 dtype=model.dtype,
                 device=model.device,
                 tokenizer=tokenizer,
-                keep_token_ids=eos_ids,
+                keep_token_ids={*eos_ids, *draft_keep_token_ids},
             )
         return cls(model, tokenizer, **engine_kwargs)
 

@@ -82,6 +82,7 @@ class RolloutPool:
             sparse_config=self.recipe.model.sparse_config_override(),
             seed=self.recipe.seed,
             speculative=rollout.speculative.model_dump() if rollout.speculative is not None else None,
+            draft_keep_token_ids=list(rollout.stop_token_ids),  # SPECS §3.1: stop tokens stay draftable
         )
 
     # ------------------------------------------------------------------------------ weights

@@ -218,6 +218,15 @@ def test_from_pretrained_with_a_frequency_file(tiny_dirs, draft_dir, make_engine
     expected = set(ranking.token_ids) | set(ranking.always_kept) | set(engine.eos_token_ids)
     assert set(head.subset_ids.tolist()) == expected
     assert tokenizer.eos_token_id in expected
+    stop_id = max(set(range(tokenizer.vocab_size)) - expected)  # a rare id, out of the ranking
+    with_stop = Engine.from_pretrained(
+        str(tiny_dirs["llama"]),
+        dtype="float32",
+        kv_budget_bytes=4 * 1024**2,
+        speculative={"draft": str(draft_dir), "frspec_vocab": str(tmp_path / "vocab.json")},
+        draft_keep_token_ids=[stop_id],  # a recipe's rollout.stop_token_ids (SPECS §3.1)
+    )
+    assert set(with_stop.speculator.drafter.head.subset_ids.tolist()) == expected | {stop_id}
     batch = prompts(n=3, seed=17)
     plain = make_engine("llama").generate(batch, GREEDY)
     assert [o.token_ids for o in engine.generate(batch, GREEDY)] == [p.token_ids for p in plain]
