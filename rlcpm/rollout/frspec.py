@@ -103,6 +103,14 @@ class FrequencyRanking:
         if missing:
             raise EngineError(f"{path}: frequency ranking lacks {missing}")
         ranking = cls(**{k: v for k, v in record.items() if k in names})
+        if not (
+            _is_int_list(ranking.token_ids)
+            and _is_int_list(ranking.always_kept)
+            and _is_int(ranking.tokenizer_size)
+        ):
+            raise EngineError(
+                f"{path}: token_ids and always_kept must be lists of ints, tokenizer_size an int"
+            )
         bad = [t for t in ranking.token_ids + ranking.always_kept if not 0 <= t < ranking.tokenizer_size]
         if bad:
             raise EngineError(
@@ -121,8 +129,7 @@ def rank_tokens(
     sources: Sequence[str] = (),
 ) -> FrequencyRanking:
     """Sort counted ids (count desc, then id asc) and keep the top ``top_k``."""
-    if top_k <= 0:
-        raise EngineError(f"top_k must be > 0, got {top_k}")
+    _check_top_k(top_k)
     ranked = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:top_k]
     total = sum(counts.values())
     kept = sum(count for _, count in ranked)
@@ -203,6 +210,19 @@ def eos_token_ids_of(model_dir: str | Path) -> set[int]:
     return ids
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_int_list(value: Any) -> bool:
+    return isinstance(value, list) and all(_is_int(t) for t in value)
+
+
+def _check_top_k(top_k: Any) -> None:
+    if not _is_int(top_k) or top_k <= 0:
+        raise EngineError(f"top_k must be an int > 0, got {top_k!r}")
+
+
 def build_frequency_file(
     dataset: str | Path,
     tokenizer: str | Path | Any,
@@ -218,6 +238,7 @@ def build_frequency_file(
     its generation_config.json / config.json). fields: columns to count (default prompt,
     response). keep_token_ids: stop tokens to keep whatever their counts.
     """
+    _check_top_k(top_k)  # before the long count
     keep = set(keep_token_ids)
     if isinstance(tokenizer, str | Path):
         from rlcpm.models import load_tokenizer

@@ -93,6 +93,18 @@ def test_bad_inputs_name_the_file(tokenizer, corpus, tmp_path):
     not_a_ranking.write_text('{"format": "something"}')
     with pytest.raises(EngineError, match="not an FR-Spec frequency ranking"):
         FrequencyRanking.load(not_a_ranking)
+    with pytest.raises(EngineError, match="top_k must be an int > 0, got 0"):  # before counting
+        build_frequency_file(tmp_path / "no-such-corpus.jsonl", tokenizer, top_k=0)
+
+
+def test_a_hand_edited_ranking_with_non_integer_ids_names_the_file(tokenizer, corpus, tmp_path):
+    path = tmp_path / "v.json"
+    build_frequency_file(corpus, tokenizer, top_k=8, output=path)
+    record = json.loads(path.read_text())
+    record["token_ids"][0] = "12"
+    path.write_text(json.dumps(record))
+    with pytest.raises(EngineError, match="v.json: token_ids and always_kept must be lists of ints"):
+        FrequencyRanking.load(path)
 
 
 def test_rlcpm_freq_cli_writes_the_file(tiny_dirs, tokenizer, corpus, tmp_path, capsys):
