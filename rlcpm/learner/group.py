@@ -137,6 +137,9 @@ class LearnerGroup:
     def train_step(self, batch) -> dict[str, float]:
         return self._on_all_ranks("train_step", batch)
 
+    def skip_step(self) -> dict[str, float]:
+        return self._on_all_ranks("skip_step")
+
     def sft_step(self, examples) -> dict[str, float]:
         return self._on_all_ranks("sft_step", examples)
 

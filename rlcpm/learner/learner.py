@@ -220,9 +220,24 @@ class Learner:
         for lo, hi in zip(bounds, bounds[1:]):
             stats.merge(self._update_policy(RLBatch(batch.sequences[lo:hi])))
         metrics = self._finish_step(stats)
-        if algo.ref_refresh_every and self.step % algo.ref_refresh_every == 0 and self.reference is not None:
-            self.reference.refresh(self.root)
+        self._maybe_refresh_reference()
         return metrics
+
+    def skip_step(self) -> dict[str, float]:
+        """A step with nothing to train (no group passed dynamic sampling): the weights and the
+        policy version stay, the learning-rate schedule and the step count advance as a trained
+        step's would, so the schedule stays a function of the run's step and still ends decayed.
+        Returns `train/lr`: the rate this step would have trained at."""
+        lr = self.lr
+        self.scheduler.step()
+        self.step += 1
+        self._maybe_refresh_reference()
+        return {"train/lr": lr}
+
+    def _maybe_refresh_reference(self) -> None:
+        every = getattr(self.algorithm, "ref_refresh_every", None)
+        if every and self.step % every == 0 and self.reference is not None:
+            self.reference.refresh(self.root)
 
     def _update_policy(self, batch: RLBatch) -> StepStats:
         """One optimizer update on `batch`; loss-masked responses are not even packed."""

@@ -162,6 +162,7 @@ class GRPOTrainer:
             log.warning(
                 "step %d: no group with a learning signal after over-sampling; skipping the update", self.step
             )
+            metrics.update(self.learner.skip_step())  # the LR schedule still advances
             return {**metrics, "train/skipped": 1.0, "perf/step_time_s": time.perf_counter() - start}
         metrics.update(_batch_metrics(groups, self.rollout.version))
         if metrics["rollout/loss_masked_fraction"] == 1.0:

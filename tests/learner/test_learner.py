@@ -271,3 +271,23 @@ def test_dpo_with_on_the_fly_reference_learns_the_preference(make_recipe, lora):
         last = learner.dpo_step(pairs())
     assert last["train/loss"] < first["train/loss"] - 0.1
     assert last["train/accuracy"] == 1.0 and last["train/margin"] > 0
+
+
+def test_a_skipped_step_advances_the_schedule_like_a_trained_one(make_recipe, make_rl_batch):
+    """A step where no group passed dynamic sampling trains nothing, but the LR schedule moves on:
+    it stays a function of the run's step and the last update still runs at the decayed rate."""
+    schedule = {"name": "wsd", "warmup_steps": 0, "decay_fraction": 0.5, "decay_form": "linear"}
+    recipe = make_recipe({"learner": {"total_steps": 4, "schedule": schedule}})
+    trained, skipping = Learner(recipe), Learner(recipe)
+    batch = make_rl_batch(trained)
+    for step in range(4):
+        assert skipping.lr == trained.lr  # the rate the next update (or skip) runs at
+        trained.train_step(batch)
+        if step % 2 == 0:
+            lr = skipping.lr
+            assert skipping.skip_step() == {"train/lr": lr}
+        else:
+            skipping.train_step(batch)
+        assert skipping.step == trained.step == step + 1
+    assert skipping.policy_version == 2 and trained.policy_version == 4
+    assert skipping.lr == trained.lr == 0.0

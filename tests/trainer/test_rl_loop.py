@@ -314,3 +314,16 @@ def test_bfloat16_rollout_workers_get_the_learners_weights_cast_to_bfloat16(ray_
     first = next(row for row in history if "train/ratio_mean" in row)
     assert abs(first["train/ratio_mean"] - 1.0) < 0.05
     assert [row["train/policy_version"] for row in history if "train/policy_version" in row][-1] == 2
+
+
+def test_steps_without_signal_skip_the_update_but_not_the_schedule(ray_session, model_dir, tmp_path):
+    """Every group fails dynamic sampling: nothing trains, and the LR schedule still moves with the
+    run's steps (it used to stand still, so a run with skips never reached its decayed rate)."""
+    schedule = {"name": "wsd", "warmup_steps": 0, "decay_fraction": 0.5, "decay_form": "linear"}
+    recipe = make_recipe(
+        model_dir, tmp_path / "run", **{"rewards": [{"fn": "rl_rewards:always_zero"}], "learner.total_steps": 2,
+                                        "learner.schedule": schedule, "algorithm.max_oversample": 1, "data.eval": None}
+    )  # fmt: skip
+    rows = [r for r in train(recipe).history if "train/skipped" in r]
+    assert len(rows) == 2 and "train/loss" not in rows[0]
+    assert [r["train/lr"] for r in rows] == [5e-3, 0.0]  # the rates steps 1 and 2 would have run at
