@@ -160,12 +160,31 @@ def _start_wandb(recipe: Recipe, run_dir: Path, run_id: str | None):
 
 
 def _truncate_after(path: Path, start_step: int) -> None:
-    keep = [
-        line
-        for line in path.read_text().splitlines()
-        if line and json.loads(line).get("step", 0) < start_step
-    ]
+    keep = [line for line, row in metrics_lines(path) if row["step"] < start_step]
     path.write_text("".join(line + "\n" for line in keep))
+
+
+def metrics_lines(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, row) of every step logged in a metrics.jsonl. A last line cut off mid-write (the
+    run was killed while logging: no newline after it) is dropped with a warning; any other
+    line that is not a JSON object with a `step` raises RlcpmError naming it."""
+    text = path.read_text()
+    lines = text.splitlines()
+    out = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            if number == len(lines) and not text.endswith("\n"):
+                log.warning("%s:%d: dropped a line cut off mid-write (the run stopped while logging)", path, number)
+                continue
+            raise RlcpmError(f"{path}:{number}: not a JSON object ({err})") from err
+        if not isinstance(row, dict) or "step" not in row:
+            raise RlcpmError(f"{path}:{number}: not a JSON object with a step (got {line[:60]!r})")
+        out.append((line, row))
+    return out
 
 
 def _plain(value: Any) -> Any:

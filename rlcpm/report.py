@@ -2,28 +2,18 @@
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
 from rlcpm.errors import RlcpmError
+from rlcpm.monitor import metrics_lines
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise RlcpmError(f"no metrics.jsonl in {run_dir}: is it a run directory?")
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise RlcpmError(f"{path}:{number}: not a JSON object ({err})") from err
-        if not isinstance(row, dict) or "step" not in row:
-            raise RlcpmError(f"{path}:{number}: not a JSON object with a step (got {line[:60]!r})")
-        rows.append(row)
+    rows = [row for _, row in metrics_lines(path)]
     if not rows:
         raise RlcpmError(f"{path}: no metrics logged yet (the run stopped before its first step)")
     return rows

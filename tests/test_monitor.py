@@ -56,3 +56,27 @@ def test_resume_drops_steps_to_be_redone(tmp_path):
     with Monitor(recipe, recipe.run_dir) as mon:  # a fresh run starts a fresh file
         mon.log(1, {"train/loss": 7.0})
     assert len(_rows(tmp_path / "run" / "metrics.jsonl")) == 1
+
+
+def test_resume_after_a_kill_mid_write_drops_the_torn_line(tmp_path, rlcpm_log):
+    """A run killed while writing a metrics row leaves half a line; resume (and `rlcpm report`)
+    drop it with a warning instead of failing on it. A bad line elsewhere is still an error."""
+    import pytest
+
+    from rlcpm.errors import RlcpmError
+    from rlcpm.report import read_metrics
+
+    recipe = _recipe(tmp_path, mode="disabled")
+    with Monitor(recipe, recipe.run_dir) as mon:
+        for step in range(1, 4):
+            mon.log(step, {"train/loss": float(step)})
+    path = tmp_path / "run" / "metrics.jsonl"
+    path.write_text(path.read_text() + '{"step": 4, "train/lo')  # killed mid-write
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3]
+    with Monitor(recipe, recipe.run_dir, start_step=3) as mon:
+        mon.log(3, {"train/loss": 30.0})
+    assert [(r["step"], r["train/loss"]) for r in _rows(path)] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+    assert "cut off mid-write" in rlcpm_log.text
+    path.write_text('{"step": 1}\n{"step": 2, "tr\n{"step": 3}\n')
+    with pytest.raises(RlcpmError, match="metrics.jsonl:2: not a JSON object"):
+        read_metrics(tmp_path / "run")
