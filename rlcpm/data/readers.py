@@ -156,19 +156,32 @@ def _read_jsonl(path: Path) -> Iterator[_Located]:
 
 def _read_json(path: Path) -> Iterator[_Located]:
     with _open_text(path) as handle:
-        try:
-            loaded = json.load(handle)
-        except json.JSONDecodeError as err:
-            if err.msg == "Extra data":  # JSON Lines in a .json file, as datasets' to_json writes
-                yield from _read_jsonl(path)
-                return
-            raise DataError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from err
+        text = handle.read()
+    try:
+        loaded = json.loads(text)
+    except json.JSONDecodeError as err:
+        if err.msg == "Extra data":  # JSON Lines in a .json file, as datasets' to_json writes
+            yield from _read_jsonl(path)
+            return
+        raise DataError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from err
     if isinstance(loaded, dict) and isinstance(loaded.get("data"), list):
         loaded = loaded["data"]
+    elif _is_one_json_lines_row(loaded, text):
+        loaded = [loaded]
     if not isinstance(loaded, list):
         raise DataError(f'{path}: a JSON dataset must be a list of objects or {{"data": [...]}}')
     for index, data in enumerate(loaded, start=1):
         yield f"row {index}", index, data, None
+
+
+def _is_one_json_lines_row(loaded: Any, text: str) -> bool:
+    """`datasets`' to_json of a one-row dataset: one object on one line. An object whose values
+    are all lists looks like a wrapper ({"rows": [...]}) instead, and stays an error."""
+    return (
+        isinstance(loaded, dict)
+        and "\n" not in text.strip()
+        and not all(isinstance(value, list) for value in loaded.values())
+    )
 
 
 def _read_csv(path: Path) -> Iterator[_Located]:

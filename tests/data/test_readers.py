@@ -48,6 +48,13 @@ def test_json_list_or_data_key(tmp_path, wrap):
     assert [r.data for r in rows] == ROWS and rows[2].location == "row 3"
 
 
+def test_a_one_row_json_lines_file_saved_as_json_is_one_row(tmp_path):
+    """datasets' to_json writes JSON Lines, so a one-row dataset is one object on one line."""
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps(ROWS[0]) + "\n")
+    assert [r.data for r in read_rows(path)] == ROWS[:1]
+
+
 def test_json_file_that_is_not_a_dataset_fails_with_path(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text('{"rows": []}')
