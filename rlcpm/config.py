@@ -33,7 +33,11 @@ class Section(BaseModel):
     number must be finite (a NaN or inf weight, temperature or clip is a typo, never a setting)."""
 
     model_config = ConfigDict(
-        extra="forbid", validate_assignment=True, protected_namespaces=(), allow_inf_nan=False
+        extra="forbid",
+        validate_assignment=True,
+        protected_namespaces=(),
+        allow_inf_nan=False,
+        coerce_numbers_to_str=True,  # `run_dir=2024` or `logging.wandb.name=123` on the command line
     )
 
 

@@ -56,6 +56,8 @@ def test_override_coercion(tmp_path):
             "logging.jsonl=false",
             "model.tiny.hidden_size=32",
             "learner.optimizer.betas=[0.9, 0.95]",
+            "logging.wandb.name=123",  # YAML reads a number; a text setting takes it as text
+            "run_dir=2024",
         ],
     )
     assert recipe.learner.lr == pytest.approx(1e-5) and isinstance(recipe.learner.lr, float)
@@ -65,6 +67,7 @@ def test_override_coercion(tmp_path):
     assert recipe.logging.jsonl is False
     assert recipe.model.tiny.hidden_size == 32
     assert recipe.learner.optimizer.betas == (0.9, 0.95)
+    assert recipe.logging.wandb.name == "123" and recipe.run_dir == "2024"
 
 
 def test_yaml_exponent_without_dot_is_a_number(tmp_path):
