@@ -16,6 +16,7 @@ from rlcpm.kernels.infllm_v2.block_sparse_fwd_triton import (
     LOG2E,
     TilePlan,
     block_membership,
+    check_block_size,
     key_rows,
     launch_forward,
     layout_args,
@@ -225,6 +226,7 @@ def block_sparse_attention_triton(
 ) -> torch.Tensor:
     """q [Tq, Hq, D], k/v [R, Hkv, D], block_idx [Tq, Hkv, K] -> out [Tq, Hq, D] (differentiable)."""
     check_inputs("block_sparse_attention", _DTYPES, q=q, k=k, v=v)
+    check_block_size("block_sparse_attention", block_size)
     q_seq = q_seq.to(torch.int32).contiguous()
     q_pos = q_pos.to(torch.int32).contiguous()
     block_idx = block_idx.to(torch.int32).contiguous()

@@ -17,12 +17,23 @@ import torch
 import triton
 import triton.language as tl
 
+from rlcpm.errors import RlcpmError
 from rlcpm.kernels.infllm_v2.layout import KeyLayout
 from rlcpm.kernels.infllm_v2.tiles import sequence_tiles, tile_block_union
 from rlcpm.kernels.triton_utils import dot, dot_precision, interpreting, next_pow2
 
 LOG2E = 1.4426950408889634
 _MIN_DOT_ROWS = 16  # tl.dot needs M >= 16
+
+
+def check_block_size(op: str, block_size: int) -> None:
+    """The kernels load one attention block of keys at a time (tl.arange(0, block_size)), so
+    block_size must be a power of two (InfLLMv2Config and the CPU reference take any multiple
+    of kernel_stride): a clear error instead of a Triton compile error."""
+    if block_size < 1 or block_size & (block_size - 1):
+        raise RlcpmError(
+            f"{op} kernel: the sparse attention block_size ({block_size}) must be a power of two"
+        )
 
 
 @triton.jit

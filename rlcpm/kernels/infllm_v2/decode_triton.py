@@ -9,7 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from rlcpm.kernels.infllm_v2.block_sparse_fwd_triton import TilePlan, launch_forward, merge_splits
+from rlcpm.kernels.infllm_v2.block_sparse_fwd_triton import (
+    TilePlan,
+    check_block_size,
+    launch_forward,
+    merge_splits,
+)
 from rlcpm.kernels.infllm_v2.layout import KeyLayout
 from rlcpm.kernels.triton_utils import check_inputs
 
@@ -36,6 +41,7 @@ def sparse_decode_attention_triton(
     check_inputs(
         "sparse_decode_attention", (torch.float32, torch.bfloat16, torch.float16), q=q, k=k_cache, v=v_cache
     )
+    check_block_size("sparse_decode_attention", block_size)
     num_seqs, num_heads, _ = q.shape
     num_kv = k_cache.shape[1]
     q_seq = torch.arange(num_seqs, dtype=torch.int32, device=q.device)

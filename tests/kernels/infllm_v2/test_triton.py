@@ -212,3 +212,20 @@ def test_model_forward_through_the_kernels_equals_the_reference_path(monkeypatch
     got_grad = torch.autograd.grad(got.square().mean(), model.model.layers[0].self_attn.k_proj.weight)[0]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got_grad, want_grad, rtol=1e-3, atol=1e-6)
+
+
+def test_stage_2_kernels_refuse_a_block_size_that_is_not_a_power_of_two(packed_inputs, paged_copy):
+    """InfLLMv2Config and the CPU reference take block_size 24; the kernels tile keys by block
+    (tl.arange needs a power of two): a clear error naming the setting, not a Triton compile error."""
+    cfg = InfLLMv2Config(kernel_size=24, kernel_stride=12, block_size=24, window_size=24, topk=2, dense_len=-1)
+    q, k, v, cu = packed_inputs([60, 30])
+    q_seq, q_pos = packed_queries(cu)
+    idx = select_blocks(
+        q, q_seq, q_pos, *_compressed(k, cu, cfg), cfg, 0.25, block_scores=block_scores.reference
+    )
+    with pytest.raises(RlcpmError, match="block_size \\(24\\) must be a power of two"):
+        block_sparse_attention.kernel(q, k, v, KeyLayout.packed(cu), q_seq, q_pos, idx, 24, 0.25)
+    k_cache, v_cache, layout = paged_copy(k, v, cu, 8)
+    last = (cu[1:] - 1).long()
+    with pytest.raises(RlcpmError, match="block_size \\(24\\) must be a power of two"):
+        sparse_decode_attention.kernel(q[last], k_cache, v_cache, layout, q_pos[last], idx[last], 24, 0.25)
