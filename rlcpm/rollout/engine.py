@@ -137,6 +137,10 @@ class Engine:
                 f"max_model_len must be an int >= 1 or None (the model's limit), got {max_model_len!r}"
             )
         config = model.config
+        if config.attention == "sparse":  # the compressed keys live in KV blocks: refuse a misfit now
+            from rlcpm.kernels.infllm_v2 import InfLLMv2Config
+
+            InfLLMv2Config.from_dict(config.sparse_config).check_kv_block_size(block_size)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.vocab_size = config.vocab_size
