@@ -64,12 +64,10 @@ class Monitor:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.total_steps = total_steps or recipe.learner.total_steps
         self._jsonl = None
+        _start_log(self.run_dir / "samples.jsonl", start_step)  # log_samples appends to it
         if recipe.logging.jsonl:
             path = self.run_dir / "metrics.jsonl"
-            if start_step == 0 and path.exists():
-                path.unlink()  # a fresh run starts a fresh file
-            elif start_step > 0 and path.exists():
-                _truncate_after(path, start_step)  # a resumed run drops steps it will redo
+            _start_log(path, start_step)
             self._jsonl = path.open("a")
         self._wandb = _start_wandb(recipe, self.run_dir, wandb_run_id)
         self._progress = _Progress(self.total_steps, start_step) if recipe.logging.progress else None
@@ -157,6 +155,13 @@ def _start_wandb(recipe: Recipe, run_dir: Path, run_id: str | None):
             f"wandb ({cfg.mode}): {err} Set WANDB_API_KEY or run `wandb login`, or set "
             "logging.wandb.mode to offline (upload later with `wandb sync`) or disabled"
         ) from err
+
+
+def _start_log(path: Path, start_step: int) -> None:
+    if start_step == 0 and path.exists():
+        path.unlink()  # a fresh run starts a fresh file
+    elif start_step > 0 and path.exists():
+        _truncate_after(path, start_step)  # a resumed run drops steps it will redo
 
 
 def _truncate_after(path: Path, start_step: int) -> None:

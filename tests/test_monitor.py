@@ -80,3 +80,19 @@ def test_resume_after_a_kill_mid_write_drops_the_torn_line(tmp_path, rlcpm_log):
     path.write_text('{"step": 1}\n{"step": 2, "tr\n{"step": 3}\n')
     with pytest.raises(RlcpmError, match="metrics.jsonl:2: not a JSON object"):
         read_metrics(tmp_path / "run")
+
+
+def test_resume_drops_sample_rows_of_steps_to_be_redone(tmp_path):
+    """samples.jsonl follows metrics.jsonl: a resumed run rewrites the steps after its
+    checkpoint instead of appending them a second time; a fresh run starts a fresh file."""
+    recipe = _recipe(tmp_path, mode="disabled")
+    with Monitor(recipe, recipe.run_dir) as mon:
+        for step in range(1, 5):
+            mon.log_samples(step, [{"response": f"old {step}"}])
+    with Monitor(recipe, recipe.run_dir, start_step=3) as mon:  # checkpoint at step 2
+        mon.log_samples(3, [{"response": "redone 3"}])
+    path = tmp_path / "run" / "samples.jsonl"
+    assert [(r["step"], r["response"]) for r in _rows(path)] == [(1, "old 1"), (2, "old 2"), (3, "redone 3")]
+    with Monitor(recipe, recipe.run_dir) as mon:
+        mon.log_samples(1, [{"response": "new run"}])
+    assert [r["response"] for r in _rows(path)] == ["new run"]
