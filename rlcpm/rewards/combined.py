@@ -149,14 +149,17 @@ def term_components(value: Any) -> tuple[float, dict[str, float]]:
 
 
 def _number(value: Any, what: str) -> float:
-    if isinstance(value, bool | str | bytes) or not isinstance(value, (int, float)):
+    numpy_or_torch_bool = str(getattr(value, "dtype", "")) in ("bool", "torch.bool")
+    refused = numpy_or_torch_bool or isinstance(value, bool | str | bytes)  # float() would take "1" and True
+    if refused or not isinstance(value, (int, float)):
         try:
-            if isinstance(value, bool | str | bytes):  # float() would take "1" and True
+            if refused:
                 raise TypeError
             value = float(value)  # numpy / torch scalars
         except (TypeError, ValueError):
+            kind = "bool" if numpy_or_torch_bool else type(value).__name__
             raise RewardError(
-                f"{what} is a {type(value).__name__}; a reward returns a float or a dict of floats with a 'total'"
+                f"{what} is a {kind}; a reward returns a float or a dict of floats with a 'total'"
             ) from None
     value = float(value)
     if not math.isfinite(value):

@@ -227,3 +227,23 @@ def test_strings_and_bools_are_not_reward_values(value):
         rlcpm.reward(name)(lambda sample: value)
     (result,) = CombinedReward.from_specs([{"name": name}]).score(_samples("x"))
     assert result.error is not None and type(value).__name__ in result.error and result.total == 0.0
+
+
+@pytest.mark.parametrize("kind", ["numpy", "torch"])
+def test_numpy_and_torch_bools_are_refused_like_python_bools(kind):
+    """`(pred == gold).all()` is a numpy / torch bool: refused as a bool is, not scored 1.0."""
+    import numpy as np
+    import torch
+
+    value = np.bool_(True) if kind == "numpy" else torch.tensor(True)
+    name = f"test_returns_{kind}_bool"
+    if name not in registered_rewards():
+        rlcpm.reward(name)(lambda sample: value)
+    (result,) = CombinedReward.from_specs([{"name": name}]).score(_samples("x"))
+    assert result.error is not None and "the reward is a bool" in result.error and name in result.error
+    assert result.total == 0.0
+    number = np.float32(0.5) if kind == "numpy" else torch.tensor(0.5)  # numeric scalars still count
+    if f"{name}_number" not in registered_rewards():
+        rlcpm.reward(f"{name}_number")(lambda sample: number)
+    (ok,) = CombinedReward.from_specs([{"name": f"{name}_number"}]).score(_samples("x"))
+    assert ok.error is None and ok.total == 0.5
