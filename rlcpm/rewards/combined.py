@@ -58,14 +58,16 @@ class RewardTerm:
 
 def resolve_terms(specs: Sequence[RewardSpec | dict]) -> list[RewardTerm]:
     """Look up names, import `fn` paths, check kwargs against signatures. Labels are made unique."""
-    terms, seen = [], {}
+    specs = [spec if isinstance(spec, RewardSpec) else RewardSpec.model_validate(spec) for spec in specs]
+    taken = {spec.label for spec in specs}  # a renamed duplicate must not take another term's label
+    terms, used = [], set()
     for spec in specs:
-        spec = spec if isinstance(spec, RewardSpec) else RewardSpec.model_validate(spec)
         function = get_reward(spec.name) if spec.name else as_reward_function(import_function(spec.fn))
-        label = spec.label
-        seen[label] = seen.get(label, 0) + 1
-        if seen[label] > 1:
-            label = f"{label}_{seen[label]}"
+        label, n = spec.label, 1
+        while label in used or (n > 1 and label in taken):
+            n += 1
+            label = f"{spec.label}_{n}"
+        used.add(label)
         check_arguments(function, spec.kwargs, label)
         timeout_s = spec.timeout_s or function.timeout_s or DEFAULT_TIMEOUT_S
         terms.append(RewardTerm(label, function, spec.weight, timeout_s, spec.on_error, dict(spec.kwargs)))

@@ -247,3 +247,17 @@ def test_numpy_and_torch_bools_are_refused_like_python_bools(kind):
         rlcpm.reward(f"{name}_number")(lambda sample: number)
     (ok,) = CombinedReward.from_specs([{"name": f"{name}_number"}]).score(_samples("x"))
     assert ok.error is None and ok.total == 0.5
+
+
+def test_labels_stay_unique_when_a_name_looks_like_a_renamed_duplicate():
+    """[dup, dup, dup_2]: the second `dup` must not take the label of the real `dup_2`, which
+    would merge two terms' components (one value lost from the logs) under one key."""
+    for name, value in (("test_dup", 1.0), ("test_dup_2", 5.0)):
+        if name not in registered_rewards():
+            rlcpm.reward(name)(lambda sample, value=value: value)
+    terms = resolve_terms([{"name": "test_dup"}, {"name": "test_dup"}, {"name": "test_dup_2"}])
+    labels = [t.label for t in terms]
+    assert len(set(labels)) == 3 and labels[0] == "test_dup" and labels[2] == "test_dup_2"
+    (result,) = CombinedReward(terms).score(_samples("x"))
+    assert sorted(result.components.values()) == [1.0, 1.0, 5.0]
+    assert result.total == pytest.approx(sum(result.components.values()))
