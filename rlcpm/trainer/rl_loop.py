@@ -76,7 +76,7 @@ class GRPOTrainer:
         wandb_run_id = self._restore() if resume else None
         self.monitor = Monitor(
             recipe, self.run_dir, total_steps=recipe.learner.total_steps,
-            wandb_run_id=wandb_run_id, start_step=self.step + 1 if resume else 0,
+            wandb_run_id=wandb_run_id, start_step=self.step + 1 if self.step > 0 else 0,  # 0: nothing restored
         )  # fmt: skip
         self._sync_weights()
 

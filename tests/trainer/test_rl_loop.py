@@ -327,3 +327,17 @@ def test_steps_without_signal_skip_the_update_but_not_the_schedule(ray_session, 
     rows = [r for r in train(recipe).history if "train/skipped" in r]
     assert len(rows) == 2 and "train/loss" not in rows[0]
     assert [r["train/lr"] for r in rows] == [5e-3, 0.0]  # the rates steps 1 and 2 would have run at
+
+
+def test_resume_without_a_checkpoint_starts_fresh_logs(ray_session, model_dir, tmp_path):
+    """--resume in a run_dir that never checkpointed starts over: the earlier attempt's rows
+    (its step-0 evaluation included) are not kept next to the new run's."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 0, "eval/accuracy": 0.5}\n{"step": 1, "train/loss": 1.0}\n')
+    (run_dir / "samples.jsonl").write_text('{"step": 0, "response": "old"}\n')
+    trainer = GRPOTrainer(make_recipe(model_dir, run_dir), resume=True)
+    trainer.close()
+    assert trainer.step == 0
+    assert (run_dir / "metrics.jsonl").read_text() == ""
+    assert not (run_dir / "samples.jsonl").exists()
