@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from rlcpm import __version__
@@ -17,6 +18,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_BAD_INPUT
+    # As under `python -m`: modules in the working directory import (a recipe's `fn: my_rewards:f`,
+    # `rlcpm bench`); a console script's sys.path lacks it.
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         return int(args.handler(args) or 0)
     except RecipeError as err:
@@ -195,7 +200,6 @@ def _freq(args) -> int:
 
 
 def _bench(args) -> int:
-    import os
     import runpy
 
     names = available_benchmarks()
@@ -203,7 +207,6 @@ def _bench(args) -> int:
         raise RlcpmError("no benchmarks/ here: run `rlcpm bench` from the repository root")
     if args.name not in names:
         raise RlcpmError(f"unknown benchmark {args.name!r}; available: {', '.join(names)}")
-    sys.path.insert(0, os.getcwd())  # a console script's sys.path lacks the working directory
     sys.argv = [f"benchmarks.{args.name}", *args.args]
     runpy.run_module(f"benchmarks.{args.name}", run_name="__main__")
     return 0

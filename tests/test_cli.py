@@ -110,3 +110,16 @@ def test_validate_fails_on_a_synthetic_task_option_the_generator_does_not_take(c
     assert "data.eval: synthetic task 'arithmetic': unknown option(s) ['digitz']" in err
     assert main(["validate", quickstart, "data.train.options.num_steps=[3, 1]"]) == 2
     assert "data.train: synthetic option 'num_steps' must satisfy 1 <= low <= high" in capsys.readouterr().err
+
+
+def test_a_reward_module_in_the_working_directory_imports_as_under_python_m(monkeypatch, tmp_path, capsys):
+    """The `rlcpm` console script's sys.path lacks the working directory; `fn: my_module:f` for a
+    file beside the user failed with ModuleNotFoundError there (it worked under `python -m`)."""
+    import os
+    import sys
+
+    (tmp_path / "cwd_reward_module.py").write_text("def score(sample):\n    return 1.0\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", os.getcwd())])
+    quickstart = str(ROOT / "recipes/quickstart.yaml")
+    assert main(["validate", quickstart, "rewards=[{fn: 'cwd_reward_module:score'}]"]) == 0
