@@ -11,4 +11,17 @@ from rlcpm.trainer import TrainResult, train
 
 __version__ = "0.1.0"
 
+# `import rlcpm` then `rlcpm.rollout.Engine`, `rlcpm.models.load_model`: the subpackages load on
+# first attribute access, so importing rlcpm stays light.
+_SUBPACKAGES = frozenset({"data", "kernels", "learner", "models", "quant", "rewards", "rollout", "trainer"})
+
+
+def __getattr__(name: str):
+    if name in _SUBPACKAGES:
+        import importlib
+
+        return importlib.import_module(f"rlcpm.{name}")
+    raise AttributeError(f"module 'rlcpm' has no attribute {name!r}")
+
+
 __all__ = ["Recipe", "RlcpmError", "Sample", "TrainResult", "__version__", "load_recipe", "reward", "train"]

@@ -13,6 +13,14 @@ def test_top_level_api():
     assert list(inspect.signature(rlcpm.train).parameters)[:1] == ["recipe"]
 
 
+def test_subpackages_resolve_as_attributes():
+    # docs/qat.md: `rlcpm.rollout.Engine.from_pretrained(...)` after a bare `import rlcpm`
+    for name in ("data", "kernels", "learner", "models", "quant", "rewards", "rollout", "trainer"):
+        assert inspect.ismodule(getattr(rlcpm, name)), name
+    assert hasattr(rlcpm.rollout, "Engine") and hasattr(rlcpm.models, "load_model")
+    assert not hasattr(rlcpm, "no_such_subpackage")
+
+
 def test_subpackage_api():
     from rlcpm.learner.losses import policy_loss
     from rlcpm.models import load_model, save_model
