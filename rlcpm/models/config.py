@@ -58,8 +58,10 @@ class ModelConfig:
     mlp_bias: bool = False
     # MiniCPM muP scalings; neutral values for the other architectures.
     scale_emb: float = 1.0
-    scale_depth: float | None = None  # residual branch * scale_depth / sqrt(L); None: 1
-    dim_model_base: int | None = None  # final hidden / (hidden_size / dim_model_base); None: 1
+    # residual branch * scale_depth / sqrt(L); None: 1 (minicpm: scale_depth 1, as MiniCPMConfig)
+    scale_depth: float | None = None
+    # final hidden / (hidden_size / dim_model_base); None: 1 (minicpm: dim_model_base 1, as MiniCPMConfig)
+    dim_model_base: int | None = None
     sparse_config: dict | None = None  # MiniCPM4 InfLLM v2 settings, kept for the sparse backend
     bos_token_id: int | list[int] | None = None
     eos_token_id: int | list[int] | None = None
@@ -78,6 +80,10 @@ class ModelConfig:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.model_type == "minicpm":
+            # modeling_minicpm.py always applies both scalings; MiniCPMConfig defaults them to 1
+            self.scale_depth = 1.0 if self.scale_depth is None else self.scale_depth
+            self.dim_model_base = 1 if self.dim_model_base is None else self.dim_model_base
         if self.num_attention_heads % self.num_key_value_heads:
             raise CheckpointError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -158,6 +164,8 @@ class ModelConfig:
         known = {f.name for f in fields(cls)} - {"extra", "torch_dtype", "rope_theta", "rope_scaling"}
         known.discard("attention")
         kwargs = {k: hf[k] for k in known if hf.get(k) is not None}
+        if model_type == "minicpm":
+            kwargs.setdefault("tie_word_embeddings", True)  # MiniCPMConfig's default (MiniCPM-1B/2B omit it)
         dtype_name = hf.get("torch_dtype") or hf.get("dtype") or "float32"
         if dtype_name not in _DTYPES:
             raise CheckpointError(f"{source}: dtype {dtype_name!r} not one of {', '.join(_DTYPES)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -157,3 +158,33 @@ def test_minicpm4_config_json_parses():
     out = config.to_hf()
     assert out["auto_map"] == hf["auto_map"] and out["sparse_config"] == hf["sparse_config"]
     assert ModelConfig.from_hf(out) == config
+
+
+def test_absent_mup_and_tying_keys_take_the_minicpm_config_defaults(make_model, random_ids, tmp_path):
+    """configuration_minicpm.py defaults scale_emb, scale_depth and dim_model_base to 1 and
+    tie_word_embeddings to True, and modeling_minicpm.py always applies scale_depth / sqrt(L)
+    and hidden / (hidden_size / dim_model_base): a config.json without these keys means that."""
+    cpm = make_model(
+        "minicpm",
+        num_hidden_layers=LAYERS,
+        tie_word_embeddings=True,
+        scale_emb=1.0,
+        scale_depth=1.0,
+        dim_model_base=1,
+    )
+    save_model(cpm, tmp_path)
+    config_file = tmp_path / "config.json"
+    hf = json.loads(config_file.read_text())
+    for key in ("scale_emb", "scale_depth", "dim_model_base", "tie_word_embeddings"):
+        del hf[key]
+    config_file.write_text(json.dumps(hf))
+    loaded = load_model(tmp_path)  # the file has no lm_head.weight: the head is the embedding
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert loaded.config.residual_scale == pytest.approx(1 / math.sqrt(LAYERS))
+    assert loaded.config.logit_scale_divisor == HIDDEN
+    ids = random_ids(2, 13)
+    with torch.no_grad():
+        assert torch.equal(cpm(ids), loaded(ids))
+    unset = ModelConfig(model_type="minicpm", hidden_size=64, num_attention_heads=4, num_hidden_layers=4)
+    assert (unset.residual_scale, unset.logit_scale_divisor) == (0.5, 64.0)
+    assert ModelConfig.from_hf(unset.to_hf()) == unset
