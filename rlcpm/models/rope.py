@@ -19,7 +19,8 @@ Scalings change the frequencies f (and, for longrope, the amplitude of cos/sin):
 - longrope (MiniCPM4's modeling_minicpm.py, MiniCPMLongRoPE): f_i / ext_i with
   ext = long_factor if max_position_embeddings > original_max_position_embeddings else
   short_factor (MiniCPM picks one table for the whole cache, not per position), and cos/sin
-  multiplied by sqrt(1 + ln(max_pos / original_max) / ln(original_max)) (1 when equal).
+  multiplied by sqrt(1 + ln(max_pos / original_max) / ln(original_max)) (1 when equal, below
+  1 when max_pos is the smaller).
 """
 
 from __future__ import annotations
@@ -116,7 +117,8 @@ def rope_frequencies(
                     f"rope_scaling longrope factors have {ext.numel()} entries, expected head_dim/2 = {head_dim // 2}"
                 )
             ratio = max_position_embeddings / original
-            amplitude = math.sqrt(1 + math.log(ratio) / math.log(original)) if ratio > 1 else 1.0
+            # below 1 when max_position_embeddings < original, as MiniCPMLongRoPE computes it
+            amplitude = math.sqrt(1 + math.log(ratio) / math.log(original))
             return inv_freq, amplitude, 1.0 / ext
     except KeyError as err:
         raise CheckpointError(f"rope_scaling of type {rope_type!r} is missing key {err}") from err

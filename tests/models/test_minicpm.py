@@ -81,7 +81,11 @@ def _longrope_reference(head_dim, base, scaling, max_position_embeddings, seq_le
     return emb.cos() * scaling_factor, emb.sin() * scaling_factor
 
 
-@pytest.mark.parametrize("max_pos,original", [(64, 64), (256, 64)], ids=["short-table", "long-table"])
+@pytest.mark.parametrize(
+    "max_pos,original",
+    [(64, 64), (256, 64), (32, 64)],
+    ids=["short-table", "long-table", "max-below-original"],  # the last: amplitude sqrt(1 - 1/6) < 1
+)
 def test_longrope_matches_the_minicpm_formula(max_pos, original):
     head_dim = 16
     scaling = {
