@@ -97,6 +97,12 @@ class ModelConfig:
                 raise UnsupportedModelError(
                     f"rope_scaling type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
                 )
+            if rope_type == "longrope" and self.model_type != "minicpm":
+                raise UnsupportedModelError(
+                    f"rope_scaling type 'longrope' with model_type {self.model_type!r} is not supported: "
+                    "rlcpm's longrope is MiniCPM4's (model_type minicpm); transformers' longrope picks its "
+                    "factor table per forward from the sequence length and would give other logits"
+                )
             self.rope_scaling = {**self.rope_scaling, "rope_type": rope_type}
             self.rope_scaling.pop("type", None)
             if rope_type == "default":

@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from rlcpm.models import load_model, save_model
+from rlcpm.errors import UnsupportedModelError
+from rlcpm.models import ModelConfig, load_model, save_model
 
 LLAMA3 = {
     "rope_type": "llama3",
@@ -124,3 +125,29 @@ def test_load_model_casts_dtype(make_model, random_ids, tmp_path):
         ref, low = model(ids), bf16(ids).float()
     # bfloat16 keeps 8 mantissa bits: same logits up to a few percent of their scale.
     assert (ref - low).abs().max().item() < 0.05 * ref.abs().max().item()
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+def test_longrope_outside_minicpm_is_refused(model_type):
+    """rlcpm's longrope is MiniCPM4's (one factor table for the whole cache); transformers' longrope
+    for these types picks short or long factors per forward from the sequence length and scales
+    differently, so the logits would differ (by 0.5 on a tiny llama): refused, not silently wrong."""
+    longrope = {
+        "rope_type": "longrope",
+        "short_factor": [1.0] * 8,
+        "long_factor": [4.0] * 8,
+        "original_max_position_embeddings": 64,
+    }
+    hf = {
+        "model_type": model_type,
+        "vocab_size": 96,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 256,
+        "rope_scaling": longrope,
+    }
+    with pytest.raises(UnsupportedModelError, match=rf"longrope.*{model_type}.*minicpm"):
+        ModelConfig.from_hf(hf)
+    assert ModelConfig.from_hf({**hf, "model_type": "minicpm"}).rope_scaling["rope_type"] == "longrope"
