@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -358,6 +359,9 @@ class GRPOTrainer:
             summary = {k: v for k, v in summary.items() if v is not None}
         final = self.learner.export_hf(self.run_dir / "final")
         self.tokenizer.save_pretrained(str(final))
+        source_generation = self.model_dir / "generation_config.json"
+        if source_generation.is_file():  # the source's stop ids and sampling defaults, as SFT / DPO keep them
+            shutil.copyfile(source_generation, final / "generation_config.json")
         summary["steps"] = self.step
         self.monitor.summary(summary)
         return TrainResult(self.run_dir, list(self.monitor.history), final, summary)

@@ -341,3 +341,14 @@ def test_resume_without_a_checkpoint_starts_fresh_logs(ray_session, model_dir, t
     assert trainer.step == 0
     assert (run_dir / "metrics.jsonl").read_text() == ""
     assert not (run_dir / "samples.jsonl").exists()
+
+
+def test_final_export_keeps_the_source_generation_config(ray_session, model_dir, tmp_path):
+    """run_dir/final is what one serves: its generation_config.json is the source model's (both
+    stop ids of the tiny model: <|im_end|> and <|endoftext|>), not one rebuilt from config.json's
+    single eos_token_id, as the SFT / DPO final export already keeps it."""
+    source = json.loads((model_dir / "generation_config.json").read_text())
+    assert isinstance(source["eos_token_id"], list) and len(source["eos_token_id"]) == 2
+    result = train(make_recipe(model_dir, tmp_path / "run", **{"learner.total_steps": 1}))
+    final = json.loads((result.final_model_dir / "generation_config.json").read_text())
+    assert final["eos_token_id"] == source["eos_token_id"]
