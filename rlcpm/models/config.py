@@ -84,6 +84,13 @@ class ModelConfig:
             # modeling_minicpm.py always applies both scalings; MiniCPMConfig defaults them to 1
             self.scale_depth = 1.0 if self.scale_depth is None else self.scale_depth
             self.dim_model_base = 1 if self.dim_model_base is None else self.dim_model_base
+        for name in ("num_attention_heads", "num_key_value_heads", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise CheckpointError(f"{name} ({getattr(self, name)}) must be positive")
+        if self.head_dim % 2:
+            raise CheckpointError(
+                f"head_dim ({self.head_dim}) must be even: RoPE rotates pairs of dimensions"
+            )
         if self.num_attention_heads % self.num_key_value_heads:
             raise CheckpointError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "

@@ -73,6 +73,9 @@ def test_to_hf_roundtrip_keeps_unknown_keys():
         ({"hidden_act": "gelu"}, UnsupportedModelError, "gelu"),
         ({"num_key_value_heads": 3, "num_attention_heads": 4}, CheckpointError, "multiple of"),
         ({"torch_dtype": "int8"}, CheckpointError, "int8"),
+        # were a ZeroDivisionError, and a shape error in the first forward's RoPE
+        ({"num_key_value_heads": 0}, CheckpointError, r"num_key_value_heads \(0\) must be positive"),
+        ({"head_dim": 5}, CheckpointError, r"head_dim \(5\) must be even"),
     ],
 )
 def test_bad_configs(change, error, pattern):
