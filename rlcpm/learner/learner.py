@@ -46,7 +46,7 @@ from rlcpm.learner.schedules import build_lr_scheduler
 from rlcpm.learner.step_stats import StepStats
 from rlcpm.learner.weights import DEFAULT_BUCKET_BYTES, NamedTensors, iter_weight_buckets
 from rlcpm.models import load_model
-from rlcpm.models.checkpoint import QAT_LATENT_KEY, checkpoint_files
+from rlcpm.models.checkpoint import QAT_LATENT_KEY, checkpoint_files, read_config, resolve_dtype
 from rlcpm.quant import (
     TernaryLinear,
     prepare_qat,
@@ -91,6 +91,8 @@ class Learner:
                 f"{self.model_dir} is a packed ternary export ({packed} is a packed ternary layer): it cannot "
                 "be trained; start from the high-precision checkpoint (with learner.qat for ternary training)"
             )
+        # The final export's dtype: model.dtype, else the checkpoint's (what the engines sample in).
+        self.export_dtype = resolve_dtype(recipe.model.dtype, read_config(self.model_dir).torch_dtype)
         if recipe.model.gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
         if self.device.type == "cpu" and self.config.cpu_gemm == "onednn":
@@ -337,12 +339,15 @@ class Learner:
         return iter_weight_buckets(self.named_weights(), bucket_bytes, dtype)
 
     def export_hf(self, path: str | Path) -> Path:
-        """Write the policy (LoRA merged; packed ternary under QAT) as a Hugging Face directory (rank 0 writes)."""
+        """Write the policy (LoRA merged; packed ternary under QAT) as a Hugging Face directory (rank 0
+        writes), in `export_dtype`: a bfloat16 checkpoint trained on float32 master weights comes
+        back as bfloat16, the weights its engines sampled with."""
         tensors = list(self.latent_weights())
         if self.rank == 0 and self.qat is not None:
-            save_ternary_model(self.policy, path, named_tensors=tensors)
+            save_ternary_model(self.policy, path, named_tensors=tensors, dtype=self.export_dtype)
         elif self.rank == 0:
-            ckpt.save_hf_model(self.policy.config, tensors, path)
+            cast = [(name, t.to(self.export_dtype) if t.is_floating_point() else t) for name, t in tensors]
+            ckpt.save_hf_model(self.policy.config, cast, path)
         _barrier()
         return Path(path)
 

@@ -291,3 +291,20 @@ def test_a_skipped_step_advances_the_schedule_like_a_trained_one(make_recipe, ma
         assert skipping.step == trained.step == step + 1
     assert skipping.policy_version == 2 and trained.policy_version == 4
     assert skipping.lr == trained.lr == 0.0
+
+
+@pytest.mark.parametrize("source, setting, exported", [
+    (torch.bfloat16, "auto", torch.bfloat16),  # the checkpoint's dtype, not the float32 master weights'
+    (torch.float32, "bfloat16", torch.bfloat16),  # model.dtype, as the engines sample
+    (torch.float32, "auto", torch.float32),
+])  # fmt: skip
+def test_the_final_export_is_in_the_checkpoints_dtype(make_recipe, tmp_path, source, setting, exported):
+    from rlcpm.models.tiny import build_tiny_model_dir
+
+    model_dir = build_tiny_model_dir(tmp_path / "source", hidden_size=32, intermediate_size=64, dtype=source)
+    learner = Learner(make_recipe({"model": {"path": str(model_dir), "dtype": setting}}))
+    assert all(p.dtype == torch.float32 for p in learner.policy.parameters())  # master weights
+    final = load_model(learner.export_hf(tmp_path / "final"))
+    assert final.dtype == exported
+    for name, latent in learner.latent_weights():
+        assert torch.equal(dict(final.named_parameters())[name], latent.to(exported))
