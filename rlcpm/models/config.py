@@ -170,7 +170,8 @@ class ModelConfig:
         if missing:
             raise CheckpointError(f"{source}: required keys missing: {', '.join(missing)}")
         rope_params = dict(hf.get("rope_parameters") or {})
-        rope_theta = hf.get("rope_theta", rope_params.pop("rope_theta", 10000.0))
+        nested_theta = rope_params.pop("rope_theta", None)
+        rope_theta = next((t for t in (hf.get("rope_theta"), nested_theta) if t is not None), 10000.0)  # null: default
         rope_scaling = hf.get("rope_scaling") or (rope_params or None)
         if isinstance(rope_scaling, dict):
             rope_scaling = {k: v for k, v in rope_scaling.items() if k != "rope_theta"}

@@ -103,3 +103,11 @@ def test_paged_metadata_needs_all_three_fields():
 
     with pytest.raises(EngineError, match="context_lens=set, slot_mapping=None"):
         AttentionMetadata(cu_seqlens_q=torch.tensor([0, 2]), context_lens=torch.tensor([2]))
+
+
+def test_a_null_rope_theta_takes_the_default_like_transformers():
+    assert ModelConfig.from_hf({**BASE, "rope_theta": None}).rope_theta == 10000.0
+    nested = {**BASE, "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}
+    nested.pop("rope_theta", None)
+    assert ModelConfig.from_hf(nested).rope_theta == 500000.0
+    assert ModelConfig.from_hf({**nested, "rope_theta": None}).rope_theta == 500000.0
