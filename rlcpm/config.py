@@ -491,6 +491,13 @@ class Recipe(Section):
                 raise ValueError("algorithm grpo needs at least one entry under `rewards`")
             if self.rollout.n_samples < 2:
                 raise ValueError("grpo needs rollout.n_samples >= 2 (advantages are relative to the group)")
+            penalty = self.algorithm.overlong_penalty
+            if penalty is not None and penalty.buffer_tokens > self.rollout.max_new_tokens:
+                raise ValueError(
+                    f"algorithm.overlong_penalty.buffer_tokens ({penalty.buffer_tokens}) must be <= "
+                    f"rollout.max_new_tokens ({self.rollout.max_new_tokens}): the penalty ramps over the "
+                    "last buffer_tokens before the limit"
+                )
         return self
 
     def to_yaml(self) -> str:

@@ -273,3 +273,14 @@ def test_a_mapping_data_source_reports_only_its_own_error_and_a_bad_algorithm_on
         "algorithm: algorithm.name must be one of 'grpo', 'dpo', 'sft' (got 'ppo')",
     ]
 
+
+
+def test_overlong_penalty_buffer_must_fit_in_max_new_tokens(tmp_path):
+    """The penalty ramps over the last buffer_tokens before rollout.max_new_tokens: a larger buffer
+    (the default 256 with a short max_new_tokens) was accepted and failed at the first scored group."""
+    path = write(tmp_path, "r.yaml", MINIMAL)
+    with pytest.raises(RecipeError) as excinfo:
+        load_recipe(path, ["algorithm.overlong_penalty={}", "rollout.max_new_tokens=64"])
+    assert "buffer_tokens (256) must be <= rollout.max_new_tokens (64)" in str(excinfo.value)
+    recipe = load_recipe(path, ["algorithm.overlong_penalty={buffer_tokens: 64}", "rollout.max_new_tokens=64"])
+    assert recipe.algorithm.overlong_penalty.buffer_tokens == 64
