@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 from rlcpm.config import Recipe
 from rlcpm.errors import TrainingError
 from rlcpm.rollout import SamplingParams
 from rlcpm.trainer.scoring import reward_metrics
+
+log = logging.getLogger("rlcpm.trainer")
 
 
 def evaluate(
@@ -64,7 +67,10 @@ def evaluate(
         ]
         results = reward_pool.score(samples)
         found = reward_metrics(results, labels, prefix=prefix)
-        metrics[f"{prefix}/accuracy"] = found[f"{prefix}/accuracy"]
-        metrics[f"{prefix}/reward_mean"] = found[f"{prefix}/total_mean"]
+        if f"{prefix}/accuracy" in found:
+            metrics[f"{prefix}/accuracy"] = found[f"{prefix}/accuracy"]
+            metrics[f"{prefix}/reward_mean"] = found[f"{prefix}/total_mean"]
+        else:  # nothing to average: a reward with on_error: drop failed on every sample
+            log.warning("%s: every one of %d samples was dropped by the rewards: no accuracy", prefix, len(results))
         metrics[f"{prefix}/response_len_mean"] = sum(len(o.token_ids) for o in outputs) / len(outputs)
     return metrics

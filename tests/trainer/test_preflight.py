@@ -111,6 +111,34 @@ def test_evaluation_raises_when_the_engine_refused_requests_instead_of_scoring_t
         evaluate(recipe(tmp_path), RefusingPool(), SimpleNamespace(terms=[]), examples, lambda e: [1, 2], str)
 
 
+def test_evaluation_with_every_sample_dropped_reports_no_accuracy_instead_of_failing(tmp_path, rlcpm_log):
+    """A reward with on_error: drop that fails on every eval sample left nothing to average: the
+    accuracy lookup raised KeyError('eval/accuracy') and the run died at its first evaluation."""
+    from types import SimpleNamespace
+
+    from rlcpm.data.example import Example
+    from rlcpm.rewards import RewardResult
+    from rlcpm.rollout import RequestOutput
+    from rlcpm.trainer.evaluation import evaluate
+
+    class Pool:
+        def generate_plain(self, prompts, params):
+            return [RequestOutput(i, p, [5, 6], [-1.0, -1.0], "stop", 0) for i, p in enumerate(prompts)]
+
+    class DroppingRewards:
+        terms = [SimpleNamespace(label="math")]
+
+        def score(self, samples):
+            return [RewardResult(0.0, dropped=True, error="timed out") for _ in samples]
+
+    examples = [Example(id="e0", prompt="1+1="), Example(id="e1", prompt="2+2=")]
+    metrics = evaluate(recipe(tmp_path), Pool(), DroppingRewards(), examples, lambda e: [1, 2], str)
+    assert "eval/accuracy" not in metrics and "eval/greedy/accuracy" not in metrics
+    assert "eval/reward_mean" not in metrics  # not a 0.0 mean over no sample
+    assert metrics["eval/response_len_mean"] == 2.0
+    assert "eval: every one of 2 samples was dropped by the rewards" in rlcpm_log.text
+
+
 def test_an_unreachable_ray_address_fails_at_once():
     import socket
     import time
