@@ -226,6 +226,7 @@ class _Evaluator:
         from rlcpm.trainer.rollout_pool import engine_dtype
 
         self.recipe, self.tokenizer, self.examples = recipe, tokenizer, examples
+        self.model_dir = model_dir
         model = recipe.model
         self.engine = Engine.from_pretrained(
             str(model_dir),
@@ -263,8 +264,8 @@ class _Evaluator:
         from rlcpm.rollout import SamplingParams
         from rlcpm.trainer.rollout_pool import engine_weight_dtype
 
-        dtype = engine_weight_dtype(self.recipe)
-        tensors = ((name, t if dtype is None else t.to(dtype)) for name, t in learner.named_weights())
+        dtype = engine_weight_dtype(self.recipe, self.model_dir)
+        tensors = ((name, t.to(dtype)) for name, t in learner.named_weights())
         self.engine.update_weights(tensors, version=learner.policy_version)
         rollout, eval_cfg = self.recipe.rollout, self.recipe.eval
         temperature = 0.0 if eval_cfg.greedy else (eval_cfg.temperature or rollout.temperature)

@@ -66,8 +66,8 @@ class RolloutPool:
         return engine_dtype(self.recipe)
 
     @property
-    def weight_dtype(self) -> torch.dtype | None:
-        return engine_weight_dtype(self.recipe)
+    def weight_dtype(self) -> torch.dtype:
+        return engine_weight_dtype(self.recipe, self.model_dir)
 
     def _spawn(self):
         rollout = self.recipe.rollout
@@ -257,10 +257,13 @@ def engine_dtype(recipe: Recipe) -> str:
     return rollout.dtype if rollout.dtype != "auto" else recipe.model.dtype
 
 
-def engine_weight_dtype(recipe: Recipe) -> torch.dtype | None:
-    """What learner weights are cast to before an engine gets them (None: sent as they are)."""
+def engine_weight_dtype(recipe: Recipe, model_dir: str | Path) -> torch.dtype:
+    """What learner weights are cast to before an engine gets them: the engines' dtype ("auto":
+    the checkpoint's torch_dtype, as the engines load it; the learner trains in float32)."""
+    from rlcpm.models import read_config
+
     dtype = engine_dtype(recipe)
-    return None if dtype == "auto" else getattr(torch, dtype)
+    return read_config(model_dir).torch_dtype if dtype == "auto" else getattr(torch, dtype)
 
 
 def _params(rollout, req: ChunkRequest) -> SamplingParams:

@@ -316,6 +316,22 @@ def test_bfloat16_rollout_workers_get_the_learners_weights_cast_to_bfloat16(ray_
     assert [row["train/policy_version"] for row in history if "train/policy_version" in row][-1] == 2
 
 
+def test_a_bfloat16_checkpoint_with_dtype_auto_syncs_the_float32_learner_cast_to_bfloat16(ray_session, tmp_path):
+    """model.dtype / rollout.dtype auto (the defaults) on a bfloat16 checkpoint: the engines load
+    it in bfloat16 and the float32 learner's weights are cast to that before they travel (they
+    were sent as float32: WeightSyncError at the first sync, before any step)."""
+    model_dir = build_tiny_model_dir(
+        tmp_path / "bf16", "llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, seed=3,
+        dtype=torch.bfloat16,
+    )  # fmt: skip
+    recipe = make_recipe(model_dir, tmp_path / "run", **{"model.dtype": "auto", "learner.total_steps": 1})
+    history = train(recipe).history
+    num_params = sum(p.numel() for p in load_model(model_dir).parameters())
+    synced = [row["perf/sync_bytes"] for row in history if "perf/sync_bytes" in row]
+    assert synced and all(num_bytes == 2 * num_params for num_bytes in synced)
+    assert [row["train/policy_version"] for row in history if "train/policy_version" in row] == [1]
+
+
 def test_steps_without_signal_skip_the_update_but_not_the_schedule(ray_session, model_dir, tmp_path):
     """Every group fails dynamic sampling: nothing trains, and the LR schedule still moves with the
     run's steps (it used to stand still, so a run with skips never reached its decayed rate)."""
