@@ -13,8 +13,10 @@ share. Rank 0 picks the rendezvous address and port, and is the one that streams
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -82,10 +84,30 @@ class PendingCall:
     """A learner call running on every rank (e.g. an update overlapping the next rollout)."""
 
     refs: list
+    started: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        self.finished: float | None = None  # when the last rank returned (noted as it happens)
+        self._left = len(self.refs)
+        self._lock = threading.Lock()
+        for ref in self.refs:
+            ref.future().add_done_callback(self._rank_done)
+
+    def _rank_done(self, _future) -> None:
+        with self._lock:
+            self._left -= 1
+            if self._left == 0:
+                self.finished = time.perf_counter()
 
     def result(self) -> Any:
         """Wait for every rank; rank 0's result."""
         return ray.get(self.refs)[0]
+
+    @property
+    def seconds(self) -> float:
+        """How long the call ran: until its last rank returned, not until `result()` was asked
+        (an update overlapping a rollout is done long before the rollout is)."""
+        return (self.finished or time.perf_counter()) - self.started
 
 
 class LearnerGroup:

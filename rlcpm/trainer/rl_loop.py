@@ -72,7 +72,7 @@ class GRPOTrainer:
         self.step = 0
         self.eval_before: dict[str, float] = {}
         self.last_groups: list[Group] = []
-        self._pending_update = None  # (learner call, start time) of an update in flight
+        self._pending_update = None  # the learner call of an update in flight
         self._held_row: tuple[int, dict] | None = None  # (step, metrics) waiting for its update
         wandb_run_id = self._restore() if resume else None
         self.monitor = Monitor(
@@ -179,7 +179,7 @@ class GRPOTrainer:
         advantages = group_advantages(groups, rewards, self.algo)  # [N, G]
         for seq, advantage in zip(batch.sequences, advantages.flatten().tolist()):
             seq.advantage = advantage
-        self._pending_update = (self.learner.start("train_step", batch), time.perf_counter())
+        self._pending_update = self.learner.start("train_step", batch)
         if self.recipe.rollout.max_staleness == 0:
             metrics.update(self._finish_update())
         metrics["perf/step_time_s"] = time.perf_counter() - start
@@ -198,10 +198,9 @@ class GRPOTrainer:
         """Wait for the update in flight (if any), then stream its weights to the rollout workers."""
         if self._pending_update is None:
             return {}
-        call, started = self._pending_update
-        self._pending_update = None
+        call, self._pending_update = self._pending_update, None
         metrics = call.result()
-        metrics["perf/learn_time_s"] = time.perf_counter() - started
+        metrics["perf/learn_time_s"] = call.seconds
         metrics.update(self._sync_weights())
         return metrics
 

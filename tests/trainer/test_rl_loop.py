@@ -282,6 +282,31 @@ def test_one_step_overlap_samples_one_version_behind(ray_session, model_dir, tmp
     assert all("train/loss" in row and "perf/learn_time_s" in row for row in history)
 
 
+def test_an_overlapped_update_logs_its_own_learn_time_not_the_next_rollouts(ray_session, model_dir, tmp_path):
+    """With rollout.max_staleness: 1, step 1's update runs beside step 2's rollout: its
+    perf/learn_time_s is the update's time (it was the time until the driver asked for the
+    result, i.e. at least the whole next rollout)."""
+    import time
+
+    recipe = make_recipe(model_dir, tmp_path / "run", **{"rollout.max_staleness": 1, "data.eval": None})
+    trainer = GRPOTrainer(recipe)
+    generate = trainer.rollout.generate
+
+    def slow_generate(requests, group_of):
+        if trainer.step == 2:
+            time.sleep(3.0)
+        return generate(requests, group_of)
+
+    trainer.rollout.generate = slow_generate
+    try:
+        trainer.fit()
+        rows = {row["step"]: row for row in trainer.monitor.history}
+    finally:
+        trainer.close()
+    assert rows[2]["perf/sampling_time_s"] > 3.0
+    assert rows[1]["perf/learner_step_s"] <= rows[1]["perf/learn_time_s"] < 2.0
+
+
 def test_qat_recipe_samples_from_the_ternary_policy_and_exports_it(ray_session, model_dir, tmp_path):
     """learner.qat in a GRPO recipe: the rollout workers hold W_q from the first step (so the
     behaviour log-probs are the ternary model's: ratio == 1 on the first update, which full
