@@ -26,7 +26,7 @@ import torch
 
 from rlcpm.config import GRPOConfig, Recipe
 from rlcpm.data import load_examples
-from rlcpm.errors import TrainingError
+from rlcpm.errors import CheckpointError, TrainingError
 from rlcpm.learner import RLBatch, compute_advantages, kl_penalized_rewards
 from rlcpm.learner.checkpoint import checkpoint_path, latest_checkpoint, prune_checkpoints
 from rlcpm.learner.model_source import resolve_model_dir
@@ -334,6 +334,7 @@ class GRPOTrainer:
             log.info("no checkpoint in %s: starting fresh", self.run_dir)
             return None
         loop = self.learner.load_checkpoint(path)["loop"]
+        check_carried_group_size(loop, self.recipe.rollout.n_samples, path)
         self.step = loop["step"]
         self.chunks.load_state_dict(loop["chunks"])
         self.buffer = loop["buffer"]
@@ -411,6 +412,20 @@ def group_advantages(groups: list[Group], rewards: torch.Tensor, algo: GRPOConfi
                 rewards[row, kept][None], algo.advantage, algo.std_eps
             )[0]
     return advantages
+
+
+def check_carried_group_size(loop: dict, n_samples: int, path: Path) -> None:
+    """CheckpointError when groups the checkpoint carries over (in flight or in the training
+    buffer) were sampled with another `rollout.n_samples`: a step's batch and its advantages
+    are [N, G], one G for every group."""
+    carried = [*loop["chunks"]["in_flight"], *loop["buffer"]]
+    other = sorted({len(group.trajectories) for group in carried} - {n_samples})
+    if other:
+        raise CheckpointError(
+            f"{path} carries over groups sampled with rollout.n_samples {other[0]}, but the recipe "
+            f"has rollout.n_samples {n_samples}: resume with rollout.n_samples {other[0]}, or start "
+            "a new run with the checkpoint's model/ as model.path"
+        )
 
 
 def groups_in_flight_for(need: int, yield_rate: float, z: float = SHORTFALL_Z) -> int:

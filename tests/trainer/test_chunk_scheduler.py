@@ -169,3 +169,35 @@ def test_rewards_equal_in_float32_have_no_signal():
     assert not passes_dynamic_sampling(group)
     group.rewards = [0.3, 0.3, 0.3, 0.31]
     assert passes_dynamic_sampling(group)
+
+
+def test_resume_refuses_groups_carried_over_with_another_n_samples(tmp_path):
+    """Carried-over groups keep the G they were sampled with; scoring slices results and the batch
+    is [N, G] with one G for all, so a resume with another rollout.n_samples is refused by name
+    (it used to be accepted, and the step mis-sliced the rewards of the mixed groups)."""
+    from rlcpm.errors import CheckpointError
+    from rlcpm.learner.checkpoint import STATE_FILE, checkpoint_path
+    from rlcpm.trainer.rl_loop import GRPOTrainer
+
+    saved = make(chunk_tokens=3, n_samples=4)
+    saved.top_up(2)
+    fake_round(saved, {f"g{g}.{i}": 5 for g in range(2) for i in range(4)}, version=0)
+    loop = {"step": 2, "chunks": pickle.loads(pickle.dumps(saved.state_dict())), "buffer": [],
+            "pass_rate": 1.0, "finish_rate": 1.0, "eval_before": {}, "wandb_run_id": None}  # fmt: skip
+    path = checkpoint_path(tmp_path / "checkpoints", 2)
+    path.mkdir(parents=True)
+    (path / STATE_FILE).write_bytes(b"")
+
+    def trainer(n_samples):
+        return SimpleNamespace(
+            run_dir=tmp_path,
+            learner=SimpleNamespace(load_checkpoint=lambda _: {"loop": loop}),
+            recipe=SimpleNamespace(rollout=SimpleNamespace(n_samples=n_samples)),
+            chunks=make(chunk_tokens=3, n_samples=n_samples),
+        )
+
+    with pytest.raises(CheckpointError, match=r"rollout.n_samples 4, but the recipe has rollout.n_samples 2"):
+        GRPOTrainer._restore(trainer(2))
+    same = trainer(4)
+    GRPOTrainer._restore(same)
+    assert same.step == 2 and len(same.chunks.in_flight) == 2
