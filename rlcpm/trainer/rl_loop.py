@@ -169,7 +169,8 @@ class GRPOTrainer:
         if metrics["rollout/loss_masked_fraction"] == 1.0:
             log.warning(
                 "step %d: every response is masked from the loss (cut at rollout.max_new_tokens with "
-                "overlong filtering on, or repetitive): no learning signal; raise max_new_tokens?",
+                "overlong filtering on, repetitive, or dropped by a reward with on_error: drop): no "
+                "learning signal; raise max_new_tokens, or check the rewards' errors?",
                 self.step,
             )
         rewards = torch.tensor([g.rewards for g in groups], dtype=torch.float32)  # [N, G]
@@ -446,12 +447,19 @@ def _ema(old: float, new: float) -> float:
     return RATE_EMA * old + (1 - RATE_EMA) * new
 
 
+def _carries_no_loss(group: Group, i: int) -> bool:
+    """Response i has zero loss weight: masked (overlong / repetitive) or dropped by a reward
+    (on_error: drop), as RLBatch.from_groups marks it."""
+    masked = group.loss_mask is not None and not group.loss_mask[i]
+    return masked or (group.dropped is not None and group.dropped[i])
+
+
 def _batch_metrics(groups: list[Group], version: int) -> dict[str, float]:
     """Response lengths, truncation, carry-over and staleness of the trained batch."""
     trajs = [t for g in groups for t in g.trajectories]
     lengths = [len(t.response_token_ids) for t in trajs]
     tokens = [v for t in trajs for v in t.versions]
-    masked = sum(not m for g in groups for m in (g.loss_mask or []))
+    masked = sum(_carries_no_loss(g, i) for g in groups for i in range(len(g.trajectories)))
     return {
         "rollout/response_len_mean": sum(lengths) / len(lengths),
         "rollout/response_len_max": max(lengths),

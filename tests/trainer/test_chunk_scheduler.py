@@ -201,3 +201,20 @@ def test_resume_refuses_groups_carried_over_with_another_n_samples(tmp_path):
     same = trainer(4)
     GRPOTrainer._restore(same)
     assert same.step == 2 and len(same.chunks.in_flight) == 2
+
+
+def test_loss_masked_fraction_counts_responses_dropped_by_a_reward():
+    """A response dropped by a reward (on_error: drop) carries no loss like a masked one: a batch
+    whose every response is one or the other reads 1.0 (the "every response is masked" warning
+    keys on it); it read 0.5 here, counting the mask alone."""
+    from rlcpm.trainer.rl_loop import _batch_metrics
+
+    sched = make(chunk_tokens=None, n_samples=2)
+    sched.top_up(2)
+    groups = fake_round(sched, {"g0.0": 10, "g0.1": 4, "g1.0": 10, "g1.1": 3}, version=0)
+    for group in groups:
+        group.loss_mask = response_loss_mask(group, overlong_filter=True)  # the length-10 ones
+        group.dropped = [False, True]
+    assert _batch_metrics(groups, version=0)["rollout/loss_masked_fraction"] == 1.0
+    groups[1].dropped = [False, False]
+    assert _batch_metrics(groups, version=0)["rollout/loss_masked_fraction"] == 0.75
