@@ -37,10 +37,10 @@ def to_samples(group: Group, decode) -> list[Sample]:
 def attach_rewards(
     group: Group, results: Sequence[RewardResult], algo: GRPOConfig, rollout: RolloutConfig
 ) -> None:
-    """Fill group.rewards / reward_components / dropped / loss_mask. A dropped sample (reward
-    on_error: drop) gets the group's mean reward (for the metrics) and zero loss weight; the
-    advantages of its group are computed over the kept samples (rl_loop.group_advantages)."""
-    totals = [r.total for r in results]
+    """Fill group.rewards / scores / reward_components / dropped / loss_mask. A dropped sample
+    (reward on_error: drop) gets the group's mean reward (for the metrics) and zero loss weight;
+    the advantages of its group are computed over the kept samples (rl_loop.group_advantages)."""
+    totals = group.scores = [r.total for r in results]
     if algo.overlong_penalty is not None:
         cfg = algo.overlong_penalty
         totals = [
@@ -66,9 +66,13 @@ def attach_rewards(
 def passes_dynamic_sampling(group: Group) -> bool:
     """0 < #correct < G (binary rewards) or reward std > 0, over the samples that were not dropped.
 
-    Judged in float32, the precision the advantages are computed in (GRPOTrainer.train_step):
-    rewards that differ in float64 only (0.1 + 0.2 and 0.3) would pass with all-zero advantages."""
-    kept = [r for r, d in zip(group.rewards or [], group.dropped or []) if not d]
+    Judges the rewards before algorithm.overlong_penalty (DAPO filters on accuracy): a group of
+    correct answers whose lengths differ within the penalty's buffer has no signal, only a
+    length penalty to train on. Judged in float32, the precision the advantages are computed in
+    (GRPOTrainer.train_step): rewards that differ in float64 only (0.1 + 0.2 and 0.3) would pass
+    with all-zero advantages."""
+    scores = group.scores if group.scores is not None else group.rewards
+    kept = [r for r, d in zip(scores or [], group.dropped or []) if not d]
     rewards = torch.tensor(kept, dtype=torch.float32).tolist()
     return has_signal(rewards, binary=is_binary(rewards))
 

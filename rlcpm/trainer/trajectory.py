@@ -49,6 +49,7 @@ class Group:
     example: Any  # rlcpm.data.Example
     trajectories: list[Trajectory]
     rewards: list[float] | None = None
+    scores: list[float] | None = None  # the rewards before algorithm.overlong_penalty: what dynamic sampling judges
     reward_components: list[dict[str, float]] | None = None
     dropped: list[bool] | None = None  # reward on_error: drop
     loss_mask: list[bool] | None = None  # False: the response carries zero loss weight

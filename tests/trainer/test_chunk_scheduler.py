@@ -218,3 +218,23 @@ def test_loss_masked_fraction_counts_responses_dropped_by_a_reward():
     assert _batch_metrics(groups, version=0)["rollout/loss_masked_fraction"] == 1.0
     groups[1].dropped = [False, False]
     assert _batch_metrics(groups, version=0)["rollout/loss_masked_fraction"] == 0.75
+
+
+def test_dynamic_sampling_judges_correctness_before_the_overlong_penalty():
+    """SPECS §1 / DAPO: keep a group only if 0 < #correct < G. With the soft overlong penalty on,
+    all-correct answers whose lengths differ within its buffer used to pass (their penalised
+    rewards differ) and train on the length penalty alone; the filter judges the reward before it."""
+    from rlcpm.config import GRPOConfig, RolloutConfig
+    from rlcpm.rewards import RewardResult
+    from rlcpm.trainer.scoring import attach_rewards, passes_dynamic_sampling
+
+    algo = GRPOConfig(overlong_penalty={"buffer_tokens": 6, "penalty": 1.0})
+    rollout = RolloutConfig(max_new_tokens=10)
+    sched = make(chunk_tokens=None, n_samples=3)
+    sched.top_up(1)
+    (group,) = fake_round(sched, {"g0.0": 3, "g0.1": 6, "g0.2": 8}, version=0)
+    attach_rewards(group, [RewardResult(1.0, {"math": 1.0})] * 3, algo, rollout)
+    assert group.rewards == pytest.approx([1.0, 1 - 2 / 6, 1 - 4 / 6])  # the penalty still shapes the rewards
+    assert not passes_dynamic_sampling(group)
+    attach_rewards(group, [RewardResult(v, {"math": v}) for v in (1.0, 1.0, 0.0)], algo, rollout)
+    assert passes_dynamic_sampling(group)
