@@ -6,8 +6,9 @@ worker is free. Inside a worker every call has its own time limit (calling.py). 
 keep a step moving whatever a reward does:
 - a worker that abandoned a hung call is replaced after answering (its stuck thread may spin);
 - a worker that does not answer a chunk in len(chunk) * sum(term timeouts) + `slack_s` (stuck in
-  C code holding the GIL, deadlocked, crashed) is killed and replaced; that chunk's samples get
-  each term's on_error.
+  C code holding the GIL, deadlocked, crashed) is killed and replaced. Which term hung is not
+  known then, and the scores it finished are lost: every sample of that chunk scores 0.0, and is
+  dropped if any term has on_error: drop (`_failed`).
 
 Custom reward modules must be importable in the workers: the directory each reward function's
 module was imported from is put on the workers' sys.path, plus any `python_path` given.
@@ -170,6 +171,8 @@ class RewardPool:
         return num_samples * sum(term.timeout_s for term in self.terms) + self.slack_s
 
     def _failed(self, chunk: list[Sample], reason: str) -> list[RewardResult]:
+        """The chunk of a worker that died or missed its deadline: which term failed is unknown,
+        so each sample scores 0.0 and is dropped if any term would drop a sample it failed on."""
         functions = ", ".join(f"{t.label!r} ({t.function.path})" for t in self.terms)
         reason = f"{reason}; rewards: {functions}"
         logger.warning("%s (samples %s)", reason, [s.id for s in chunk])
