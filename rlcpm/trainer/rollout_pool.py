@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +21,7 @@ import torch
 
 from rlcpm.config import Recipe
 from rlcpm.errors import EngineError, WeightSyncError
+from rlcpm.learner.weights import NamedTensors
 from rlcpm.rollout import Request, SamplingParams
 from rlcpm.rollout.speculative import acceptance_stats
 from rlcpm.trainer.chunk_scheduler import ChunkRequest, ChunkResult
@@ -87,12 +88,17 @@ class RolloutPool:
 
     # ------------------------------------------------------------------------------ weights
 
-    def sync_weights(self, named_tensors: list, version: int) -> SyncStats:
-        """Push (name, tensor) pairs to every worker as `version`; verify every worker took it
-        (a worker that died meanwhile is replaced and given them)."""
+    def sync_weights(self, buckets: Iterable[NamedTensors], version: int) -> SyncStats:
+        """Push the buckets of (name, tensor) pairs to every worker as `version`; verify every
+        worker took it (a worker that died meanwhile is replaced and given them).
+
+        `buckets` may be the learner's lazy stream (`LearnerGroup.weight_buckets`): the seconds
+        returned cover the whole learner -> workers sync, gathering and casting the weights on
+        the learner included, not only the transfer and the workers' loads."""
         import ray
 
         start = time.perf_counter()
+        named_tensors = [pair for bucket in buckets for pair in bucket]
         ref = ray.put(named_tensors)
         num_bytes = sum(t.numel() * t.element_size() for _, t in named_tensors)
         versions = self._on_every_worker(lambda worker, index: worker.update_weights.remote(ref, version))

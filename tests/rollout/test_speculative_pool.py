@@ -48,7 +48,7 @@ def test_rollout_pool_workers_decode_speculatively(ray_session, tiny_dirs, tmp_p
         weights = [
             (n, p.detach() * 1.3) for n, p in load_model(model_dir, dtype="float32").named_parameters()
         ]
-        pool.sync_weights(weights, version=1)
+        pool.sync_weights([weights], version=1)  # one bucket
         pool.generate([ChunkRequest("t2", [5, 17, 301, 42], [], 7, 16, 16)], {"t2": "h"})
         after = pool.stats()[0]
         new_drafts = after["spec_draft_tokens"] - stats["spec_draft_tokens"]

@@ -226,6 +226,27 @@ def test_a_worker_that_dies_during_the_update_is_replaced_at_weight_sync(ray_ses
         trainer.close()
 
 
+def test_sync_time_covers_the_learner_gathering_its_weights(ray_session, model_dir, tmp_path):
+    """perf/sync_time_s is the whole learner -> workers sync: the learner's buckets were gathered
+    and cast before the pool's timer started, so only the transfer and loads were counted."""
+    import time
+
+    trainer = GRPOTrainer(make_recipe(model_dir, tmp_path / "run", **{"data.eval": None}))
+    weight_buckets = trainer.learner.weight_buckets
+
+    def slow_buckets(*args, **kwargs):
+        time.sleep(1.0)  # a slow gather on the learner
+        yield from weight_buckets(*args, **kwargs)
+
+    trainer.learner.weight_buckets = slow_buckets
+    try:
+        trainer.step = 1
+        metrics = trainer.train_step()
+    finally:
+        trainer.close()
+    assert metrics["perf/sync_time_s"] >= 1.0
+
+
 def test_sparse_attention_recipe_trains_end_to_end(ray_session, model_dir, tmp_path):
     """model.attention: sparse reaches both the learner and the rollout workers (InfLLM v2)."""
     sparse = {
