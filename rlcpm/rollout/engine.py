@@ -461,11 +461,32 @@ class Engine:
         the old weights). Returns timing stats; ``weight_version`` becomes ``version``
         (default: the old version + 1).
         """
+        self._drop_kv_of_old_weights()
+        return self.weights.update(named_tensors, version, strict)
+
+    def begin_weight_update(self, version: int) -> None:
+        """Start an update that arrives in parts (`load_weights` per bucket, then
+        `finish_weight_update`), for a learner that streams to several engines bucket by bucket.
+        The engine refuses to generate until `finish_weight_update` has checked that every
+        parameter arrived; only then does ``weight_version`` become ``version``."""
+        self._drop_kv_of_old_weights()
+        self.weights.begin(version)
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """One part of the update begun by `begin_weight_update`, copied in place (checked as
+        in `update_weights`)."""
+        self.weights.load(named_tensors)
+
+    def finish_weight_update(self) -> dict[str, float]:
+        """End the update begun by `begin_weight_update` (WeightSyncError if a parameter is
+        missing; the engine then still refuses to generate). Returns `update_weights`' stats."""
+        return self.weights.finish()
+
+    def _drop_kv_of_old_weights(self) -> None:
         self.scheduler.drop_all_kv()
         self.block_manager.reset_prefix_cache()
         if self.runner.decode_backend is not None:
             self.runner.decode_backend.invalidate()
-        return self.weights.update(named_tensors, version, strict)
 
     def engine_stats(self) -> dict[str, float]:
         """Counters for monitoring: tokens, steps, time, preemptions, prefix-cache hits, KV use."""

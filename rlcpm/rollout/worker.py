@@ -96,6 +96,19 @@ class RolloutWorker:
         self.engine.update_weights(named_tensors, version)
         return self.engine.weight_version
 
+    def begin_weight_update(self, version: int) -> None:
+        """Start an update sent bucket by bucket (``Engine.begin_weight_update``): until
+        ``finish_weight_update`` the worker refuses to generate."""
+        self.engine.begin_weight_update(version)
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        self.engine.load_weights(named_tensors)
+
+    def finish_weight_update(self) -> int:
+        """Check that every parameter arrived and take the update's version; returns the version now held."""
+        self.engine.finish_weight_update()
+        return self.engine.weight_version
+
     def drop_paused(self, request_ids: Sequence | None = None) -> int:
         return self.engine.drop_paused(request_ids)
 

@@ -3,8 +3,9 @@
 - Load balance by outstanding tokens, not request counts: a group (the G samples of one prompt,
   kept together for prefix sharing) goes to the worker with the fewest tokens to process, and
   stays there while the weights are unchanged so its paused KV can be reused.
-- Weight sync streams the learner's named tensors to every worker with a version number; a
-  worker whose version does not match after the update fails loudly.
+- Weight sync streams the learner's named tensors to every worker bucket by bucket with a
+  version number; a worker generates only once every bucket arrived, and one whose version does
+  not match after the update fails loudly.
 - A worker that dies mid-round is replaced, given the current weights, and its share of the
   round is generated again: requests are seeded, so nothing is lost or changed.
 """
@@ -55,7 +56,8 @@ class RolloutPool:
             runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}} if threads else None,
         )
         self.version = 0
-        self._weights_ref = None  # the last weights pushed, for replacement workers
+        self._bucket_refs: list = []  # the buckets of the weights pushed, for replacement workers
+        self._syncing: int | None = None  # the version being pushed, during a sync
         self._affinity: dict[str, int] = {}  # group id -> worker index (same weights, reusable KV)
         self.num_restarts = 0
         self._spec_seen: dict[int, dict[str, int]] = {}  # worker index -> last speculation counters
@@ -89,8 +91,15 @@ class RolloutPool:
     # ------------------------------------------------------------------------------ weights
 
     def sync_weights(self, buckets: Iterable[NamedTensors], version: int) -> SyncStats:
-        """Push the buckets of (name, tensor) pairs to every worker as `version`; verify every
-        worker took it (a worker that died meanwhile is replaced and given them).
+        """Stream the buckets of (name, tensor) pairs to every worker as `version`, one bucket at
+        a time: put it in the object store, have every worker load it in place, then the next.
+        From the first bucket until every worker has checked that the last one completed the
+        model, the workers refuse to generate; each then holds `version`, verified here. A
+        worker that dies meanwhile is replaced and given the buckets sent so far.
+
+        The driver holds one bucket at a time. The object store keeps the current version's
+        buckets (one copy of the model) for replacement workers; the previous version's are
+        released as this sync starts.
 
         `buckets` may be the learner's lazy stream (`LearnerGroup.weight_buckets`): the seconds
         returned cover the whole learner -> workers sync, gathering and casting the weights on
@@ -98,17 +107,23 @@ class RolloutPool:
         import ray
 
         start = time.perf_counter()
-        named_tensors = [pair for bucket in buckets for pair in bucket]
-        ref = ray.put(named_tensors)
-        num_bytes = sum(t.numel() * t.element_size() for _, t in named_tensors)
-        versions = self._on_every_worker(lambda worker, index: worker.update_weights.remote(ref, version))
+        self._syncing, self._bucket_refs = version, []
+        self._affinity.clear()  # every worker drops the old weights' KV
+        self._on_every_worker(lambda worker, index: worker.begin_weight_update.remote(version))
+        num_bytes = 0
+        for bucket in buckets:
+            ref = ray.put(bucket)
+            num_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+            del bucket  # the next bucket is fetched without this one still held
+            self._on_every_worker(lambda worker, index, ref=ref: worker.load_weights.remote(ref))
+            self._bucket_refs.append(ref)
+        versions = self._on_every_worker(lambda worker, index: worker.finish_weight_update.remote())
         for index, got in enumerate(versions):
             if got != version:
                 raise WeightSyncError(
                     f"rollout worker {index} reports weight version {got} after loading {version}"
                 )
-        self._weights_ref, self.version = ref, version
-        self._affinity.clear()  # KV of the old weights is gone on every worker
+        self._syncing, self.version = None, version
         return SyncStats(time.perf_counter() - start, num_bytes, version)
 
     # ----------------------------------------------------------------------------- generate
@@ -172,9 +187,14 @@ class RolloutPool:
             pass
         worker = self._spawn()
         ray.get(worker.health.remote())
-        if self._weights_ref is not None:
-            got = ray.get(worker.update_weights.remote(self._weights_ref, self.version))
-            if got != self.version:
+        if self._syncing is not None or self._bucket_refs:
+            # the buckets of the version being synced (the sync goes on with the next one and
+            # finishes the update) or of the current one, completed here
+            version = self._syncing if self._syncing is not None else self.version
+            ray.get(worker.begin_weight_update.remote(version))
+            for ref in self._bucket_refs:
+                ray.get(worker.load_weights.remote(ref))
+            if self._syncing is None and ray.get(worker.finish_weight_update.remote()) != self.version:
                 raise WeightSyncError(
                     f"replacement rollout worker {index} could not load version {self.version}"
                 )

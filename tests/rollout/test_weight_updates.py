@@ -139,3 +139,28 @@ def test_good_weights_after_nan_weights_generate_as_before(make_engine, tiny_dir
     after = engine.generate(batch, GREEDY)
     assert [o.token_ids for o in after] == [o.token_ids for o in before]
     assert all(torch.isfinite(torch.tensor(o.logprobs)).all() for o in after)
+
+
+def test_an_update_in_parts_is_refused_until_finished_complete(make_engine, tiny_dirs):
+    """A learner streaming bucket by bucket to several engines: begin, load per bucket, finish.
+    The engine never samples with a half-updated model and takes the version only at finish."""
+    engine = make_engine("llama")
+    new_model, tensors = _other_weights(tiny_dirs)
+    engine.begin_weight_update(3)
+    engine.load_weights(tensors[:4])
+    with pytest.raises(EngineError, match="partial update .*version 3 is still arriving"):
+        engine.generate([[1, 2, 3]], GREEDY)
+    with pytest.raises(WeightSyncError, match="missed"):
+        engine.finish_weight_update()  # a bucket is missing: still refusing, still version 0
+    assert engine.weight_version == 0
+    with pytest.raises(EngineError, match="partial update"):
+        engine.generate([[1, 2, 3]], GREEDY)
+    engine.begin_weight_update(4)
+    engine.load_weights(tensors[:4])
+    engine.load_weights(tensors[4:])
+    stats = engine.finish_weight_update()
+    assert engine.weight_version == 4 and stats["num_tensors"] == len(tensors)
+    out = engine.generate([[1, 2, 3]], GREEDY)[0]
+    assert out.weight_version == 4 and out.token_ids == _greedy_reference(new_model, [1, 2, 3], 8)
+    with pytest.raises(WeightSyncError, match="without begin"):
+        engine.load_weights(tensors[:1])

@@ -247,6 +247,52 @@ def test_sync_time_covers_the_learner_gathering_its_weights(ray_session, model_d
     assert metrics["perf/sync_time_s"] >= 1.0
 
 
+def test_weights_stream_bucket_by_bucket_and_workers_wait_for_the_last(ray_session, model_dir, tmp_path):
+    """The driver flattened every bucket into one list (a full copy of the model) before putting
+    it; now it holds one bucket at a time, every worker loading it before the next is fetched.
+    Meanwhile the workers refuse to generate; a worker killed mid-stream is replaced and given
+    the buckets sent so far."""
+    import weakref
+
+    import ray
+
+    from rlcpm.errors import EngineError
+    from rlcpm.trainer.chunk_scheduler import ChunkRequest
+    from rlcpm.trainer.rollout_pool import RolloutPool
+
+    pool = RolloutPool(make_recipe(model_dir, tmp_path / "run", **{"rollout.workers": 2}), model_dir)
+    named = [(n, p.detach() * 1.1) for n, p in load_model(model_dir, dtype=torch.float32).named_parameters()]
+    sent, still_held, refused = [], [], []
+
+    def stream():  # one tensor per bucket
+        for i, (name, tensor) in enumerate(named):
+            still_held.append(sum(ref() is not None for ref in sent))
+            if i == 1:
+                for worker in pool.workers:
+                    with pytest.raises(ray.exceptions.RayTaskError) as info:
+                        ray.get(worker.health.remote())
+                    refused.append(isinstance(info.value.as_instanceof_cause(), EngineError))
+            if i == 2:
+                pool.kill_worker(1)
+            copy = tensor.clone()
+            sent.append(weakref.ref(copy))
+            yield [(name, copy)]
+            del copy
+
+    try:
+        stats = pool.sync_weights(stream(), version=1)
+        assert stats.version == 1 and len(sent) == len(named) > 3
+        assert still_held == [0] * len(named)  # no earlier bucket alive when the next is fetched
+        assert refused == [True, True]
+        assert pool.num_restarts == 1
+        assert [h["weight_version"] for h in ray.get([w.health.remote() for w in pool.workers])] == [1, 1]
+        request = ChunkRequest("t0", [5, 17, 301, 42], [], 3, 8, None)
+        outs = [ray.get(w.generate.remote(*pool._call_args([request]))) for w in pool.workers]
+        assert outs[0][0].token_ids == outs[1][0].token_ids  # the replacement got every bucket
+    finally:
+        pool.close()
+
+
 def test_sparse_attention_recipe_trains_end_to_end(ray_session, model_dir, tmp_path):
     """model.attention: sparse reaches both the learner and the rollout workers (InfLLM v2)."""
     sparse = {
