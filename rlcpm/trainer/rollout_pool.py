@@ -216,14 +216,16 @@ class RolloutPool:
         for index, future in futures.items():
             for attempt in range(MAX_RETRIES + 1):
                 try:
+                    if future is None:  # a replacement that dies starting up counts as an attempt
+                        self._replace(index)
+                        future = call(self.workers[index], index)
                     results.append(ray.get(future))
                     break
                 except ray.exceptions.RayActorError as err:
                     if attempt == MAX_RETRIES:
                         raise EngineError(f"rollout worker {index} kept failing after {MAX_RETRIES} restarts") from err
                     log.warning("rollout worker %d died (%s); restarting it", index, err)
-                    self._replace(index)
-                    future = call(self.workers[index], index)
+                    future = None
         return results
 
     # ----------------------------------------------------------------------------- helpers

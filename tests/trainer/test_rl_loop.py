@@ -293,6 +293,25 @@ def test_weights_stream_bucket_by_bucket_and_workers_wait_for_the_last(ray_sessi
         pool.close()
 
 
+def test_replacement_workers_that_die_starting_up_count_as_restarts(ray_session, model_dir, tmp_path):
+    """A replacement worker dying in start-up (its health call) let the raw RayActorError out
+    of the retry loop instead of the EngineError that names the restarts."""
+    from rlcpm.errors import EngineError
+    from rlcpm.trainer.chunk_scheduler import ChunkRequest
+    from rlcpm.trainer.rollout_pool import MAX_RETRIES, RolloutPool
+
+    pool = RolloutPool(make_recipe(model_dir, tmp_path / "run"), model_dir)
+    try:
+        pool.kill_worker(0)
+        pool.model_dir = str(tmp_path / "missing")  # every replacement fails to load its model
+        request = ChunkRequest("t0", [5, 17, 301, 42], [], 3, 8, None)
+        with pytest.raises(EngineError, match=f"kept failing after {MAX_RETRIES} restarts"):
+            pool.generate([request], {"t0": "g"})
+        assert pool.num_restarts == 0
+    finally:
+        pool.close()
+
+
 def test_sparse_attention_recipe_trains_end_to_end(ray_session, model_dir, tmp_path):
     """model.attention: sparse reaches both the learner and the rollout workers (InfLLM v2)."""
     sparse = {
