@@ -463,6 +463,7 @@ def _batch_metrics(groups: list[Group], version: int) -> dict[str, float]:
         "rollout/response_len_mean": sum(lengths) / len(lengths),
         "rollout/response_len_max": max(lengths),
         "rollout/truncated_fraction": sum(t.finish_reason == "length" for t in trajs) / len(trajs),
+        # generated over more than one round, within this step or across steps (docs/rl_loop.md)
         "rollout/carried_over_fraction": sum(t.num_chunks > 1 for t in trajs) / len(trajs),
         "rollout/multi_version_fraction": sum(t.num_versions > 1 for t in trajs) / len(trajs),
         "rollout/staleness_mean": (sum(version - v for v in tokens) / len(tokens)) if tokens else 0.0,
