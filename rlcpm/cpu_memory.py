@@ -46,3 +46,16 @@ def retain_freed_memory() -> bool:
     if not applied:
         log.warning("mallopt refused the settings: freed CPU memory is returned to the OS as usual")
     return applied
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux: /proc/self/statm), else its peak (ru_maxrss)."""
+    import os
+    import resource
+
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if os.uname().sysname == "Darwin" else peak * 1024  # bytes on macOS, KiB elsewhere

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from rlcpm.cpu_memory import resident_bytes
 from rlcpm.errors import WeightSyncError
 from rlcpm.rollout.engine import Engine
 from rlcpm.rollout.sampling import SamplingParams
@@ -113,4 +114,5 @@ class RolloutWorker:
         return self.engine.drop_paused(request_ids)
 
     def stats(self) -> dict[str, float]:
-        return self.engine.engine_stats()
+        """``Engine.engine_stats`` and the worker process's resident memory (``rss_bytes``)."""
+        return {**self.engine.engine_stats(), "rss_bytes": resident_bytes()}

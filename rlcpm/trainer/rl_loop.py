@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from rlcpm.config import GRPOConfig, Recipe
+from rlcpm.cpu_memory import resident_bytes
 from rlcpm.data import load_examples
 from rlcpm.errors import CheckpointError, TrainingError
 from rlcpm.learner import RLBatch, compute_advantages, kl_penalized_rewards
@@ -290,6 +291,8 @@ class GRPOTrainer:
             "perf/tokens_per_s": num_tokens / sampling_s if sampling_s > 0 else 0.0,
             "rollout/generated_tokens": num_tokens,
             **self.rollout.speculation_metrics(),
+            **self.rollout.system_metrics(),
+            "sys/driver_rss_gb": resident_bytes() / 1e9,
         }
         return groups, metrics
 

@@ -61,6 +61,7 @@ class RolloutPool:
         self._affinity: dict[str, int] = {}  # group id -> worker index (same weights, reusable KV)
         self.num_restarts = 0
         self._spec_seen: dict[int, dict[str, int]] = {}  # worker index -> last speculation counters
+        self._preemptions_seen: dict[int, int] = {}  # worker index -> preemptions at the last call
         self.workers = [self._spawn() for _ in range(recipe.rollout.workers)]
         ray.get([w.health.remote() for w in self.workers])
 
@@ -199,6 +200,7 @@ class RolloutPool:
                     f"replacement rollout worker {index} could not load version {self.version}"
                 )
         self.workers[index] = worker
+        self._preemptions_seen.pop(index, None)  # a fresh engine counts from 0
         self._affinity = {g: w for g, w in self._affinity.items() if w != index}
         self.num_restarts += 1
 
@@ -243,6 +245,20 @@ class RolloutPool:
 
     def stats(self) -> list[dict]:
         return self._on_every_worker(lambda worker, index: worker.stats.remote())
+
+    def system_metrics(self) -> dict[str, float]:
+        """`sys/*` of every worker: resident memory and KV-cache use now (after a step's rollout:
+        the KV that paused, carried-over trajectories hold), preemptions since the last call."""
+        metrics: dict[str, float] = {}
+        preemptions = 0
+        for index, stats in enumerate(self.stats()):
+            metrics[f"sys/rollout{index}_rss_gb"] = stats["rss_bytes"] / 1e9
+            used = stats["num_kv_blocks"] - stats["num_free_kv_blocks"]
+            metrics[f"sys/rollout{index}_kv_used_fraction"] = used / max(1, stats["num_kv_blocks"])
+            preemptions += stats["num_preemptions"] - self._preemptions_seen.get(index, 0)
+            self._preemptions_seen[index] = stats["num_preemptions"]
+        metrics["sys/rollout_preemptions"] = float(preemptions)
+        return metrics
 
     def speculation_metrics(self) -> dict[str, float]:
         """Speculative decoding since the last call, over every worker: mean acceptance length

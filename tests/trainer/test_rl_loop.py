@@ -19,7 +19,7 @@ from rlcpm.trainer.rl_loop import GRPOTrainer
 HERE = Path(__file__).parent
 # ~1 token in 6 ends a response: lengths spread from 1 to max_new_tokens, so chunking carries over.
 STOP_IDS = list(range(3, 400, 6))
-PERF_PREFIXES = ("perf/", "time")
+PERF_PREFIXES = ("perf/", "sys/", "time")  # measured, not computed: they differ between runs
 
 
 @pytest.fixture(scope="module")
@@ -310,6 +310,26 @@ def test_replacement_workers_that_die_starting_up_count_as_restarts(ray_session,
         assert pool.num_restarts == 0
     finally:
         pool.close()
+
+
+def test_every_step_logs_driver_and_rollout_worker_system_metrics(ray_session, model_dir, tmp_path):
+    """DESIGN.md names the sys/* namespace; nothing was logged in it."""
+    recipe = make_recipe(model_dir, tmp_path / "run", **{"rollout.workers": 2, "rollout.chunk_tokens": 3,
+                                                         "data.eval": None})  # fmt: skip
+    trainer = GRPOTrainer(recipe)
+    try:
+        trainer.step = 1
+        metrics = trainer.train_step()
+        again = trainer.rollout.system_metrics()
+    finally:
+        trainer.close()
+    assert 0.01 < metrics["sys/driver_rss_gb"] < 100
+    for i in range(2):
+        assert 0.01 < metrics[f"sys/rollout{i}_rss_gb"] < 100
+        assert 0.0 <= metrics[f"sys/rollout{i}_kv_used_fraction"] <= 1.0
+    # chunked: carried-over trajectories keep their paused KV after the step's rollout
+    assert max(metrics[f"sys/rollout{i}_kv_used_fraction"] for i in range(2)) > 0
+    assert metrics["sys/rollout_preemptions"] >= 0 and again["sys/rollout_preemptions"] == 0
 
 
 def test_sparse_attention_recipe_trains_end_to_end(ray_session, model_dir, tmp_path):
