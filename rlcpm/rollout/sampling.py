@@ -55,7 +55,14 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
-        self.stop_token_ids = tuple(_plain_int(t) for t in self.stop_token_ids or ())  # None: none
+        stop_ids = self.stop_token_ids
+        if stop_ids is None:
+            stop_ids = ()
+        elif hasattr(stop_ids, "tolist"):  # a tensor or numpy array (`or ()` would be ambiguous)
+            stop_ids = stop_ids.tolist()
+        if isinstance(stop_ids, numbers.Integral) and not isinstance(stop_ids, bool):
+            stop_ids = (stop_ids,)  # one id, as `stop` takes one string
+        self.stop_token_ids = tuple(_plain_int(t) for t in stop_ids)
         self.stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         # numpy integers become ints (seeds are hashed, counts compared, ids sent to Ray)
         self.max_new_tokens, self.top_k = _plain_int(self.max_new_tokens), _plain_int(self.top_k)

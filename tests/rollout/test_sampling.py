@@ -196,6 +196,22 @@ def test_numpy_integers_are_taken_as_ints():
     )
 
 
+@pytest.mark.parametrize(
+    "stop_token_ids", [np.array([3, 4]), torch.tensor([3, 4]), (3, 4), [np.int64(3), 4]], ids=str
+)
+def test_stop_token_ids_take_arrays_and_tensors(stop_token_ids):
+    # `stop_token_ids or ()` raised "truth value of an array ... is ambiguous" for these
+    params = SamplingParams(stop_token_ids=stop_token_ids)
+    params.validate(vocab_size=100)
+    assert params.stop_token_ids == (3, 4) and all(type(t) is int for t in params.stop_token_ids)
+
+
+def test_stop_token_ids_take_one_id_or_none():
+    assert SamplingParams(stop_token_ids=7).stop_token_ids == (7,)
+    assert SamplingParams(stop_token_ids=np.int64(7)).stop_token_ids == (7,)
+    assert SamplingParams(stop_token_ids=None).stop_token_ids == ()
+
+
 def test_two_level_inverse_cdf_equals_a_full_cumulative_sum_and_skips_zero_mass():
     generator = torch.Generator().manual_seed(4)
     probs = torch.rand(64, 1000, generator=generator) ** 4  # 1000: not a multiple of the block size
