@@ -167,6 +167,13 @@ def test_no_call_expected():
     assert tool_use.score("no call at all", LIMA) == 0.0
 
 
+def test_expected_calls_and_tools_as_tuples():
+    # a tuple was read as one call and raised "a tool call needs a 'name'"
+    assert tool_use.score(json.dumps(GOOD_LIMA), tuple(LIMA)) == 1.0
+    assert tool_use.score("no call at all", ()) == 1.0
+    assert tool_use.score(json.dumps(GOOD_LIMA), LIMA, tuple(MCP_TOOLS)) == 1.0
+
+
 def test_parse_normalises_every_format():
     calls = parse_tool_calls(
         '<tool_call>[{"name": "a", "arguments": "{\\"x\\": 1}"}, {"name": "b"}]</tool_call>'

@@ -65,6 +65,8 @@ def _expected(expected_calls: Any) -> list[ToolCall]:
             expected_calls = decode_json(expected_calls)
         except MalformedToolCall as err:
             raise RewardError(f"tool_use: expected_calls is text but not JSON: {err}") from err
+    if isinstance(expected_calls, tuple):  # a sequence of calls, not one call
+        expected_calls = list(expected_calls)
     if expected_calls == []:
         return []
     try:

@@ -42,6 +42,8 @@ def normalize_tools(tools: Any) -> dict[str, ToolSpec]:
             raise RewardError(f"tool_use: `tools` is text but not JSON: {err}") from err
     if isinstance(tools, dict):
         tools = tools.get("tools", [tools])
+    if isinstance(tools, tuple):
+        tools = list(tools)
     if not isinstance(tools, list):
         raise RewardError(f"tool_use: `tools` must be a list of tool definitions, got {type(tools).__name__}")
     specs = {}
