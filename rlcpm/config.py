@@ -10,6 +10,7 @@ import copy
 import difflib
 import re
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -508,7 +509,7 @@ class Recipe(Section):
 
 
 def load_recipe(
-    path: str | Path | None = None, overrides: list[str] | None = None, *, data: dict | None = None
+    path: str | Path | None = None, overrides: Sequence[str] | str | None = None, *, data: dict | None = None
 ) -> Recipe:
     """Load a recipe YAML (following `extends:`), apply dotted overrides, validate.
 
@@ -519,6 +520,8 @@ def load_recipe(
     raw: dict = _load_with_extends(Path(path), seen=()) if path is not None else {}
     if data:
         raw = deep_merge(raw, copy.deepcopy(data))  # overrides below must not edit the caller's dicts
+    if isinstance(overrides, str):  # one override, not a sequence of one-character overrides
+        overrides = [overrides]
     problems: list[str] = []
     for item in overrides or []:
         try:

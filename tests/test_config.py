@@ -214,6 +214,14 @@ def test_malformed_overrides(tmp_path, bad):
         load_recipe(write(tmp_path, "r.yaml", MINIMAL), [bad])
 
 
+def test_one_override_as_a_string(tmp_path):
+    # a bare string was iterated character by character: one error per letter
+    recipe = load_recipe(write(tmp_path, "r.yaml", MINIMAL), overrides="learner.lr=3e-5")
+    assert recipe.learner.lr == 3e-5
+    recipe = load_recipe(write(tmp_path, "r.yaml", MINIMAL), overrides=("learner.lr=2e-5",))
+    assert recipe.learner.lr == 2e-5
+
+
 def test_override_into_scalar_is_an_error(tmp_path):
     with pytest.raises(RecipeError, match="seed is 0, not a section"):
         load_recipe(write(tmp_path, "r.yaml", MINIMAL + "seed: 0\n"), ["seed.x=1"])
