@@ -67,6 +67,8 @@ def policy_loss(
     """
     if ratio_level not in ("token", "sequence"):
         raise TrainingError(f"unknown ratio_level {ratio_level!r}; choose 'token' or 'sequence' (GSPO)")
+    if kl_coef != 0.0 and ref_logprobs is None:
+        raise TrainingError(f"kl_coef={kl_coef} needs ref_logprobs (the reference policy's [B, T] log-probs)")
     is_loss_token = mask > 0  # [B, T]
     weight = is_loss_token.to(logprobs.dtype)
     if advantages.dim() == 1:

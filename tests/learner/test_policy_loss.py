@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from rlcpm.errors import TrainingError
 from rlcpm.learner.aggregation import aggregate_loss, batch_denominators
 from rlcpm.learner.kl import kl_estimate
 from rlcpm.learner.losses import policy_loss
@@ -78,6 +79,12 @@ def test_kl_term_hand_computed(estimator, formula):
     expected = (PER_TOKEN.sum().item() + 0.1 * sum(kl)) / 6
     assert loss.item() == pytest.approx(expected, abs=1e-5)
     assert stats["kl"].item() == pytest.approx(sum(kl) / 6, abs=1e-5)
+
+
+def test_kl_coef_without_ref_logprobs_is_an_error():
+    # the KL term was silently dropped
+    with pytest.raises(TrainingError, match="needs ref_logprobs"):
+        policy_loss(*_inputs(), kl_coef=0.1)
 
 
 def test_entropy_bonus_hand_computed():
