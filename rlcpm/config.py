@@ -568,7 +568,7 @@ def _load_with_extends(path: Path, seen: tuple[Path, ...]) -> dict:
 
 
 class _DuplicateKeyError(Exception):
-    pass
+    """A key written twice in one YAML mapping (raised by `_UniqueKeyLoader`, reported as a RecipeError)."""
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -31,7 +31,7 @@ from rlcpm.rollout.block_manager import BlockManager
 from rlcpm.rollout.fused_decoder import can_fuse
 from rlcpm.rollout.model_runner import ModelRunner
 from rlcpm.rollout.packed_linear import pack_linear_layers
-from rlcpm.rollout.sampling import SamplingBatch, SamplingParams, sample
+from rlcpm.rollout.sampling import SamplingBatch, SamplingParams, is_int, sample
 from rlcpm.rollout.scheduler import Scheduler
 from rlcpm.rollout.sequence import Request, RequestOutput, Sequence
 from rlcpm.rollout.speculative import Drafter, SpeculativeDecoder
@@ -123,19 +123,15 @@ class Engine:
         fused_decoder: bool = True,
         drafter: Drafter | None = None,
     ):
-        for name, value in (
-            ("max_num_seqs", max_num_seqs),
-            ("max_num_batched_tokens", max_num_batched_tokens),
-            ("block_size", block_size),
+        for name, value, may_be_none in (
+            ("max_num_seqs", max_num_seqs, False),
+            ("max_num_batched_tokens", max_num_batched_tokens, False),
+            ("block_size", block_size, False),
+            ("max_model_len", max_model_len, True),  # None: the model's limit
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise EngineError(f"{name} must be an int >= 1, got {value!r}")
-        if max_model_len is not None and (
-            isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or max_model_len < 1
-        ):
-            raise EngineError(
-                f"max_model_len must be an int >= 1 or None (the model's limit), got {max_model_len!r}"
-            )
+            if not (may_be_none and value is None) and (not is_int(value) or value < 1):
+                accepted = "an int >= 1 or None (the model's limit)" if may_be_none else "an int >= 1"
+                raise EngineError(f"{name} must be {accepted}, got {value!r}")
         config = model.config
         if config.attention == "sparse":  # the compressed keys live in KV blocks: refuse a misfit now
             from rlcpm.kernels.infllm_v2 import InfLLMv2Config

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from rlcpm.errors import DataError, EngineError
+from rlcpm.rollout.sampling import is_int
 
 FORMAT = "rlcpm-frspec"
 VERSION = 1
@@ -106,7 +107,7 @@ class FrequencyRanking:
         if not (
             _is_int_list(ranking.token_ids)
             and _is_int_list(ranking.always_kept)
-            and _is_int(ranking.tokenizer_size)
+            and is_int(ranking.tokenizer_size)
         ):
             raise EngineError(
                 f"{path}: token_ids and always_kept must be lists of ints, tokenizer_size an int"
@@ -210,16 +211,12 @@ def eos_token_ids_of(model_dir: str | Path) -> set[int]:
     return ids
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _is_int_list(value: Any) -> bool:
-    return isinstance(value, list) and all(_is_int(t) for t in value)
+    return isinstance(value, list) and all(is_int(t) for t in value)
 
 
 def _check_top_k(top_k: Any) -> None:
-    if not _is_int(top_k) or top_k <= 0:
+    if not is_int(top_k) or top_k <= 0:
         raise EngineError(f"top_k must be an int > 0, got {top_k!r}")
 
 

@@ -74,7 +74,7 @@ class SamplingParams:
 
     def validate(self, vocab_size: int) -> None:
         """Raise RequestError naming the first invalid field."""
-        if not _is_int(self.max_new_tokens):
+        if not is_int(self.max_new_tokens):
             raise RequestError(f"max_new_tokens must be an int, got {self.max_new_tokens!r}")
         if self.max_new_tokens <= 0:
             raise RequestError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
@@ -86,19 +86,19 @@ class SamplingParams:
             raise RequestError(f"temperature must be finite and >= 0 (0 = greedy), got {self.temperature}")
         if not (0 < self.top_p <= 1):
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not _is_int(self.top_k):
+        if not is_int(self.top_k):
             raise RequestError(f"top_k must be an int (-1 disables it), got {self.top_k!r}")
-        if self.seed is not None and not _is_int(self.seed):
+        if self.seed is not None and not is_int(self.seed):
             raise RequestError(f"seed must be an int or None, got {self.seed!r}")
         for token_id in self.stop_token_ids:
-            if not _is_int(token_id) or not (0 <= token_id < vocab_size):
+            if not is_int(token_id) or not (0 <= token_id < vocab_size):
                 raise RequestError(f"stop token id {token_id!r} is outside the vocabulary [0, {vocab_size})")
         for text in self.stop:
             if not isinstance(text, str) or not text:
                 raise RequestError(f"stop strings must be non-empty strings, got {text!r}")
 
 
-def _is_int(value: Any) -> bool:
+def is_int(value: Any) -> bool:
     """An integer, and not a bool (True is an int to Python, never a seed or a count here)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
