@@ -13,6 +13,20 @@ from rlcpm.trainer.scoring import reward_metrics
 log = logging.getLogger("rlcpm.trainer")
 
 
+def eval_sampling_params(recipe: Recipe, temperature: float, seed: int) -> SamplingParams:
+    """The rollout's sampling settings at an evaluation temperature (0: greedy, no filters)."""
+    rollout = recipe.rollout
+    return SamplingParams(
+        max_new_tokens=rollout.max_new_tokens,
+        temperature=temperature,
+        top_p=rollout.top_p if temperature > 0 else 1.0,
+        top_k=rollout.top_k if temperature > 0 else -1,
+        seed=seed,
+        stop=list(rollout.stop),
+        stop_token_ids=list(rollout.stop_token_ids),
+    )
+
+
 def evaluate(
     recipe: Recipe, rollout_pool, reward_pool, examples: Sequence, tokenize, decode
 ) -> dict[str, float]:
@@ -33,18 +47,7 @@ def evaluate(
     labels = [term.label for term in reward_pool.terms]
     metrics: dict[str, float] = {}
     for prefix, temp in modes.items():
-        params = [
-            SamplingParams(
-                max_new_tokens=recipe.rollout.max_new_tokens,
-                temperature=temp,
-                top_p=recipe.rollout.top_p if temp > 0 else 1.0,
-                top_k=recipe.rollout.top_k if temp > 0 else -1,
-                seed=recipe.seed * 7919 + i,
-                stop=list(recipe.rollout.stop),
-                stop_token_ids=list(recipe.rollout.stop_token_ids),
-            )
-            for i in range(len(examples))
-        ]
+        params = [eval_sampling_params(recipe, temp, seed=recipe.seed * 7919 + i) for i in range(len(examples))]
         outputs = rollout_pool.generate_plain(prompts, params)
         aborted = [out for out in outputs if out.finish_reason == "aborted"]
         if aborted:  # never score the empty outputs of refused requests as wrong answers

@@ -261,7 +261,7 @@ class _Evaluator:
 
     def run(self, learner) -> dict[str, float]:
         from rlcpm.rewards import math as math_reward
-        from rlcpm.rollout import SamplingParams
+        from rlcpm.trainer.evaluation import eval_sampling_params
         from rlcpm.trainer.rollout_pool import engine_weight_dtype
 
         dtype = engine_weight_dtype(self.recipe, self.model_dir)
@@ -269,15 +269,7 @@ class _Evaluator:
         self.engine.update_weights(tensors, version=learner.policy_version)
         rollout, eval_cfg = self.recipe.rollout, self.recipe.eval
         temperature = 0.0 if eval_cfg.greedy else (eval_cfg.temperature or rollout.temperature)
-        params = SamplingParams(
-            max_new_tokens=rollout.max_new_tokens,
-            temperature=temperature,
-            top_p=rollout.top_p if temperature > 0 else 1.0,
-            top_k=rollout.top_k if temperature > 0 else -1,
-            seed=self.recipe.seed,
-            stop=list(rollout.stop),
-            stop_token_ids=list(rollout.stop_token_ids),
-        )
+        params = eval_sampling_params(self.recipe, temperature, seed=self.recipe.seed)
         prompts = [self.tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in self.examples]
         outputs = self.engine.generate(prompts, params)
         texts = [self.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outputs]
