@@ -22,7 +22,10 @@ MAX_LOG_RATIO = 20.0
 
 
 def _log_ratio(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    return (ref_logprobs - logprobs).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+    # Equal log-probs give 0, -inf and -inf included: a token outside both policies' top-k / top-p
+    # sets (both 0 probability) would otherwise make every estimator NaN.
+    log_ratio = torch.where(ref_logprobs == logprobs, 0.0, ref_logprobs - logprobs)
+    return log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
 
 
 def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:

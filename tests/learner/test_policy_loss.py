@@ -191,6 +191,25 @@ def test_k3_is_nonnegative_and_zero_when_policies_match():
     assert torch.all(kl_estimate(logprobs, ref, "k2") >= 0)
 
 
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_a_token_outside_both_kept_sets_has_zero_kl(estimator):
+    # Under rollout.top_k / top_p a sampled token can fall outside the learner's kept set; at step 0
+    # pi_theta == pi_ref, so both log-probs are -inf: -inf - -inf made the KL, the loss and the
+    # train/kl metric NaN.
+    inf = float("-inf")
+    assert kl_estimate(torch.tensor([inf, -1.0]), torch.tensor([inf, -1.0]), estimator).tolist() == [0.0, 0.0]
+    logprobs = torch.tensor([[-1.0, inf]], requires_grad=True)
+    ref = torch.tensor([[-1.5, inf]])
+    loss, stats = policy_loss(
+        logprobs, torch.tensor([[-1.0, -2.0]]), torch.tensor([1.0]), torch.ones(1, 2),
+        ref_logprobs=ref, kl_coef=0.1, kl_estimator=estimator,
+    )  # fmt: skip
+    expected_kl = kl_estimate(torch.tensor([-1.0]), torch.tensor([-1.5]), estimator).item() / 2
+    assert stats["kl"].item() == pytest.approx(expected_kl)
+    loss.backward()
+    assert math.isfinite(loss.item()) and torch.isfinite(logprobs.grad).all()
+
+
 def test_k1_and_k3_are_unbiased_kl_estimators():
     """Sampled from pi_theta, mean k1 and k3 approach the exact KL(pi_theta || pi_ref)."""
     gen = torch.Generator().manual_seed(0)
