@@ -79,7 +79,9 @@ def policy_loss(
     log_ratio = torch.where(is_loss_token, logprobs - old_logprobs.to(logprobs.dtype), 0.0)  # [B, T]
     if ratio_level == "sequence":
         sequence_log_ratio = log_ratio.sum(-1) / weight.sum(-1).clamp(min=1.0)  # [B]
-        log_ratio = sequence_log_ratio.detach()[:, None] + logprobs - logprobs.detach()
+        # 0 in value, d log pi_theta(o_t) in gradient; 0 for a -inf log-prob (-inf - -inf is NaN)
+        grad_carrier = torch.where(torch.isfinite(logprobs), logprobs - logprobs.detach(), 0.0)
+        log_ratio = sequence_log_ratio.detach()[:, None] + grad_carrier
         log_ratio = torch.where(is_loss_token, log_ratio, 0.0)
     ratio = torch.exp(log_ratio)  # [B, T]
 

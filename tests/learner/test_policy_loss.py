@@ -125,6 +125,21 @@ def test_gspo_clips_whole_sequence():
     assert stats["clip_frac_high"].item() == pytest.approx(0.5)
 
 
+def test_gspo_sequence_with_a_token_outside_the_kept_set_has_ratio_zero():
+    # log pi_theta = -inf (a token outside the current top-k / top-p set) gives s_i = 0; its
+    # per-token gradient carrier (-inf) - (-inf) made the loss and the ratio stats NaN.
+    logprobs = torch.tensor([[-1.0, float("-inf")], [-0.5, -0.5]], requires_grad=True)
+    old = torch.tensor([[-1.0, -2.0], [-0.5, -0.5]])
+    loss, stats = policy_loss(
+        logprobs, old, torch.tensor([-1.0, 1.0]), torch.ones(2, 2), ratio_level="sequence"
+    )
+    # sequence 0: r = 0 -> max(0, 1 * 0.8) = 0.8 per token; sequence 1: r = 1 -> -1 per token
+    assert loss.item() == pytest.approx((2 * 0.8 - 2 * 1.0) / 4)
+    assert stats["ratio_mean"].item() == pytest.approx(0.5)
+    loss.backward()
+    assert torch.equal(logprobs.grad[0], torch.zeros(2))
+
+
 def test_loss_mask_filters_response_and_ignores_garbage():
     logprobs = torch.tensor([[-0.1, -0.2], [float("-inf"), 5.0]], requires_grad=True)
     old = torch.tensor([[-0.1, -0.2], [float("nan"), -3.0]])
