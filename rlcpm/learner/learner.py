@@ -406,6 +406,11 @@ class Learner:
         options = StateDictOptions(full_state_dict=True) if is_distributed() else None
         set_optimizer_state_dict(self.root, self.optimizer, state["optimizer"], options=options)
         self.scheduler.load_state_dict(state["scheduler"])
+        # The next update's rate under THIS run's schedule: a resume may raise learner.total_steps,
+        # and the optimizer state holds the rate the checkpoint's schedule had set.
+        scheduler = self.scheduler
+        for group, base, lr_fn in zip(self.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * lr_fn(scheduler.last_epoch)
         self.step, self.policy_version = state["step"], state["policy_version"]
         if state.get("reference") is not None and self.reference is not None:
             self._load_weights(

@@ -116,3 +116,23 @@ def test_resume_refuses_a_checkpoint_of_another_lora_setup(make_recipe, tmp_path
         Learner(make_recipe()).load_checkpoint(tmp_path / "lora")
     with pytest.raises(CheckpointError, match="written without LoRA"):
         Learner(make_recipe({"learner": {"lora": lora}})).load_checkpoint(tmp_path / "full")
+
+
+def test_a_resume_with_more_total_steps_trains_at_the_new_schedules_rate(make_recipe, tmp_path):
+    """The preflight says to raise learner.total_steps to continue a finished run; the first update
+    after that resume ran at the rate the OLD schedule had left in the optimizer (0 here: wasted)."""
+    from rlcpm.learner.learner import Learner
+    from rlcpm.learner.schedules import lr_multiplier
+
+    schedule = {"name": "wsd", "warmup_steps": 0, "decay_fraction": 0.5, "decay_form": "linear"}
+    finished = Learner(make_recipe({"learner": {"total_steps": 4, "schedule": schedule}}))
+    for _ in range(4):
+        finished.skip_step()
+    assert finished.lr == 0.0
+    finished.save_checkpoint(tmp_path / "step_00000004")
+
+    recipe = make_recipe({"learner": {"total_steps": 8, "schedule": schedule}})
+    resumed = Learner(recipe)
+    resumed.load_checkpoint(tmp_path / "step_00000004")
+    expected = recipe.learner.lr * lr_multiplier(5, recipe.learner.schedule, 8)  # 0.75 eta, not 0
+    assert resumed.lr == pytest.approx(expected)
