@@ -190,7 +190,8 @@ def _block_score_kernel(
     qb = (pos_t // BLOCK_SIZE)[:, None]
     b = (b0 + tl.arange(0, NB))[None, :]
     forced = (b < INIT_BLOCKS) | ((b >= qb - LOCAL_BLOCKS) & (b <= qb))
-    score = tl.where(forced, float("inf"), tl.where(b > qb, float("-inf"), pooled))
+    # Future wins over forced: an init block after the query's own block is not selectable.
+    score = tl.where(b > qb, float("-inf"), tl.where(forced, float("inf"), pooled))
     out_ptrs = OUT + tok_t[:, None].to(tl.int64) * stride_ot + h * stride_oh + b
     tl.store(out_ptrs, score, mask=(tok_t < t1)[:, None] & (b < num_blocks))
 

@@ -92,6 +92,20 @@ def test_block_scores_kernel(packed_inputs, small_config, heads, lse_approx, dty
         assert torch.equal(topk_blocks(got, cfg), topk_blocks(want, cfg))
 
 
+def test_block_scores_kernel_never_forces_a_future_init_block(packed_inputs, small_config):
+    """With init_blocks > 1, a query in block 0 must not score the init blocks after its own
+    (future: -inf, as in the reference), so no selected index exceeds its block."""
+    cfg = small_config(init_blocks=3, window_size=0)
+    q, k, _, cu = packed_inputs([70, 5])
+    kc1, cu1, kc2, cu2 = _compressed(k, cu, cfg)
+    q_seq, q_pos = packed_queries(cu)
+    args = (q, q_seq, q_pos, kc1, cu1, kc2, cu2, 5, cfg, 0.25)
+    got, want = block_scores.kernel(*args), block_scores.reference(*args)
+    assert torch.equal(torch.isinf(got), torch.isinf(want)) and torch.equal(got > 0, want > 0)
+    idx = topk_blocks(got, cfg)
+    assert (idx.long() <= (q_pos // cfg.block_size)[:, None, None]).all()
+
+
 @pytest.mark.parametrize(
     "heads, dtype, block64",
     [
