@@ -106,6 +106,19 @@ def test_training_backward_with_gradient_checkpointing(make_model, random_ids):
     assert grads["model.layers.0.self_attn.k_proj.weight"].abs().sum() > 0
 
 
+def test_training_forward_and_backward_under_bf16_autocast(make_model, random_ids):
+    """learner.precision bf16-mixed: the CPU reference path runs under autocast (stage-1 scores
+    stay float32) and follows the float32 forward."""
+    _, model = _pair(make_model)
+    ids = random_ids(130)
+    want = model(ids, meta=AttentionMetadata.packed([90, 1, 39]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = model(ids, meta=AttentionMetadata.packed([90, 1, 39]))
+    got.float().logsumexp(-1).mean().backward()
+    assert (got.float() - want).abs().max() < 0.1 * want.abs().max()
+    assert model.model.layers[0].self_attn.k_proj.weight.grad.abs().sum() > 0
+
+
 def test_settings_come_from_sparse_config_the_override_or_the_minicpm4_defaults(tmp_path):
     from rlcpm.models.tiny import build_tiny_model_dir
 

@@ -49,8 +49,9 @@ def select_blocks(
 ) -> torch.Tensor:
     """Stage 1 + top-k for queries q [Tq, Hq, D]: block indices [Tq, Hkv, k_eff] int32.
 
-    Runs without gradient, in query chunks that bound the score tensor. `block_scores` is the
-    scoring op (default: the dispatched `block_scores`, Triton on GPU).
+    Runs without gradient and without autocast (scores are float32 under the learner's bf16
+    autocast too), in query chunks that bound the score tensor. `block_scores` is the scoring
+    op (default: the dispatched `block_scores`, Triton on GPU).
     """
     if block_scores is None:
         from rlcpm.kernels.infllm_v2 import block_scores
@@ -58,7 +59,7 @@ def select_blocks(
     num_blocks = int(q_pos.max()) // config.block_size + 1 if q_pos.numel() else 1
     chunk = max(1, _CHUNK_SCORES // (num_kv * num_blocks))
     pieces = []
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
         for start in range(0, q.shape[0], chunk):
             part = slice(start, start + chunk)
             scores = block_scores(
