@@ -156,7 +156,8 @@ def filter_logits(
         is_group_start[:, 1:] = values[:, 1:] != values[:, :-1]
         group_start = torch.where(is_group_start, positions, 0).cummax(dim=-1).values
         mass_strictly_above = mass_before.gather(1, group_start)
-        keep = (mass_strictly_above < p) & (values >= threshold)
+        # the most likely tokens (group 0) always stay, also when top_p rounds to 0.0 in float32
+        keep = ((mass_strictly_above < p) | (group_start == 0)) & (values >= threshold)
         if window < vocab and bool((use_p & keep[:, -1:]).any()):
             window = min(vocab, window * 8)  # the nucleus may reach past the window
             continue

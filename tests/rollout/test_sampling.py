@@ -80,6 +80,15 @@ def test_top_p_nucleus_reaching_past_the_sorted_window_is_exact():
         assert torch.equal(kept[row], expected)
 
 
+def test_a_top_p_below_float32_range_still_keeps_the_most_likely_tokens():
+    # top_p = 1e-46 is valid (> 0) but is 0.0 in float32: the top tokens (ties) must survive
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0]])
+    kept = torch.isfinite(filter_logits(logits, top_k=-1, top_p=1e-46))
+    assert kept.tolist() == [[False, True, True, False]]
+    ids, logprobs = sample(logits, _batch([SamplingParams(top_p=1e-46, seed=0)]))
+    assert ids.item() in (1, 2) and logprobs.item() == pytest.approx(math.log(0.5))
+
+
 def test_sampling_logprobs_plain_and_greedy_definitions():
     torch.manual_seed(0)
     logits = torch.randn(3, 5, 11)
