@@ -15,6 +15,7 @@ the same on every rank.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
@@ -54,6 +55,8 @@ from rlcpm.quant import (
     save_ternary_model,
     with_rewarmup,
 )
+
+logger = logging.getLogger(__name__)
 
 
 class Learner:
@@ -405,10 +408,17 @@ class Learner:
         self._load_weights(self.root, {f"policy.{k}": v for k, v in weights.items()})
         options = StateDictOptions(full_state_dict=True) if is_distributed() else None
         set_optimizer_state_dict(self.root, self.optimizer, state["optimizer"], options=options)
-        self.scheduler.load_state_dict(state["scheduler"])
-        # The next update's rate under THIS run's schedule: a resume may raise learner.total_steps,
-        # and the optimizer state holds the rate the checkpoint's schedule had set.
         scheduler = self.scheduler
+        configured_lrs = list(scheduler.base_lrs)
+        scheduler.load_state_dict(state["scheduler"])
+        if scheduler.base_lrs != configured_lrs:
+            logger.warning(
+                "learner.lr changed since the checkpoint (%s -> %s): the schedule continues at this run's rate",
+                scheduler.base_lrs[0], configured_lrs[0],
+            )  # fmt: skip
+            scheduler.base_lrs = configured_lrs
+        # The next update's rate under THIS run's schedule: a resume may raise learner.total_steps
+        # or change learner.lr, and the optimizer state holds the rate the checkpoint's schedule set.
         for group, base, lr_fn in zip(self.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
             group["lr"] = base * lr_fn(scheduler.last_epoch)
         self.step, self.policy_version = state["step"], state["policy_version"]

@@ -136,3 +136,17 @@ def test_a_resume_with_more_total_steps_trains_at_the_new_schedules_rate(make_re
     resumed.load_checkpoint(tmp_path / "step_00000004")
     expected = recipe.learner.lr * lr_multiplier(5, recipe.learner.schedule, 8)  # 0.75 eta, not 0
     assert resumed.lr == pytest.approx(expected)
+
+
+def test_a_resume_with_another_lr_trains_at_the_new_rate(make_recipe, tmp_path, caplog):
+    """A recipe override of learner.lr on resume takes effect (with a warning): the checkpoint's
+    scheduler state carried the old peak rate and silently kept it."""
+    from rlcpm.learner.learner import Learner
+
+    Learner(make_recipe({"learner": {"lr": 1e-3}})).save_checkpoint(tmp_path / "step_00000000")
+    resumed = Learner(make_recipe({"learner": {"lr": 5e-4}}))
+    with caplog.at_level("WARNING", logger="rlcpm.learner.learner"):
+        resumed.load_checkpoint(tmp_path / "step_00000000")
+    assert resumed.scheduler.base_lrs == [5e-4] * len(resumed.scheduler.base_lrs)
+    assert resumed.lr == pytest.approx(5e-4 * resumed.scheduler.lr_lambdas[0](resumed.scheduler.last_epoch))
+    assert "learner.lr changed since the checkpoint" in caplog.text
