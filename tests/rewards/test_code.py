@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from rlcpm.errors import RewardError
+from rlcpm.errors import RewardError, SandboxError
 from rlcpm.rewards import code
 from rlcpm.rewards.code import extract_program, parse_tests, stdout_matches
 
@@ -150,6 +150,17 @@ def test_stdout_matching_rules():
 def test_malformed_tests_raise_reward_error(tests, message):
     with pytest.raises(RewardError, match=message):
         parse_tests(tests)
+
+
+@pytest.mark.parametrize(
+    "limits", [{"memory_mb": 1024.0}, {"limits": code.SandboxLimits(max_open_files=1 << 40)}]
+)
+def test_a_program_the_sandbox_cannot_confine_raises_instead_of_scoring_zero(limits):
+    """A limit the sandboxed child cannot apply is a setup failure, not 'program exited' for every sample."""
+    for tests in ("assert add(1, 1) == 2", [{"input": "1 1", "output": "2"}]):
+        with pytest.raises(SandboxError, match="sandbox setup failed.*(TypeError|ValueError)"):
+            code.run_tests(GOOD_ADD, tests, **limits)
+    assert code.score(GOOD_ADD, "assert add(1, 1) == 2") == 1.0
 
 
 def test_score_many_runs_programs_concurrently():

@@ -130,16 +130,21 @@ def _load_harness():
     return module
 
 
-def _run_child(job: dict, harness, report_fd: int, status_fd: int) -> None:
-    """Never returns. Candidate code runs only after every confinement step succeeded."""
+def _run_child(job: dict, harness, report_fd: int, status_fd: int, setup_fd: int) -> None:
+    """Never returns. Candidate code runs only after every confinement step succeeded.
+
+    A confinement failure is written to `setup_fd`, which is closed before candidate code runs,
+    so the supervisor can tell it from a program's own exit status (which it cannot forge).
+    """
     code = EXIT_SETUP_FAILED
     try:
         os.close(status_fd)
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
         _confine(job)
     except BaseException as err:  # noqa: BLE001 - report why, run nothing
-        os.write(2, f"sandbox setup failed: {type(err).__name__}: {err}\n".encode())
+        os.write(setup_fd, f"confining the program: {type(err).__name__}: {err}".encode())
         os._exit(EXIT_SETUP_FAILED)
+    os.close(setup_fd)
     try:
         if job["mode"] == "script":
             os.close(report_fd)
@@ -251,13 +256,17 @@ def main(argv: list[str]) -> int:
     _libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     sys.stdout.flush()
     sys.stderr.flush()
+    setup_r, setup_w = os.pipe()
     pid = os.fork()
     if pid == 0:
-        _run_child(job, harness, report_fd, status_fd)
+        os.close(setup_r)
+        _run_child(job, harness, report_fd, status_fd, setup_w)
+    os.close(setup_w)
     os.close(report_fd)
     status = _wait_with_deadline(pid, job["budget_s"])
     _end_descendants(job)
-    _write_status(status_fd, status)
+    setup_error = os.read(setup_r, 1 << 16).decode(errors="replace")  # the child is gone: no block
+    _write_status(status_fd, {"setup_error": setup_error} if setup_error else status)
     return 0
 
 
