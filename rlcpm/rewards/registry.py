@@ -29,8 +29,9 @@ class RewardFunction:
 
     @property
     def path(self) -> str:
-        """ "module:qualname", for messages (and for importing it elsewhere)."""
-        return f"{self.fn.__module__}:{self.fn.__qualname__}"
+        """ "module:qualname", for messages (and for importing it elsewhere); a callable object's class."""
+        fn = self.fn if hasattr(self.fn, "__qualname__") else type(self.fn)
+        return f"{fn.__module__}:{fn.__qualname__}"
 
 
 _REGISTRY: dict[str, RewardFunction] = {}
@@ -131,5 +132,5 @@ def check_arguments(entry: RewardFunction, kwargs: dict, label: str) -> None:
         signature.bind(None, **kwargs)
     except TypeError as err:
         raise RewardError(
-            f"reward {label!r} ({entry.path}): kwargs {sorted(kwargs)} do not fit {entry.fn.__name__}{signature}: {err}"
+            f"reward {label!r} ({entry.path}): kwargs {sorted(kwargs)} do not fit {entry.path.rpartition(':')[2]}{signature}: {err}"
         ) from err

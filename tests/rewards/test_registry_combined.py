@@ -122,6 +122,18 @@ def test_errors_name_the_function_and_the_sample(user_module, caplog):
     assert "bad-row" in caplog.text and "fragile" in caplog.text
 
 
+def test_a_callable_object_as_reward_reports_its_errors(user_module):
+    """A reward that is an instance with __call__ (no __qualname__): its failures are logged, not raised."""
+    reward = CombinedReward.from_specs([{"fn": "rlcpm_user_rewards:scaled", "kwargs": {"offset": 1.0}}])
+    ok, bad = reward.score(
+        [Sample(id="a", fields={"denominator": 1}), Sample(id="b", fields={"denominator": 0})]
+    )
+    assert ok.total == 3.0 and ok.error is None
+    assert bad.total == 0.0 and "rlcpm_user_rewards:Scaled" in bad.error and "ZeroDivisionError" in bad.error
+    with pytest.raises(RewardError, match="rlcpm_user_rewards:Scaled.*do not fit"):
+        CombinedReward.from_specs([{"fn": "rlcpm_user_rewards:scaled", "kwargs": {"limit": 1}}])
+
+
 def test_on_error_drop_marks_the_sample(user_module):
     reward = CombinedReward.from_specs([{"fn": "rlcpm_user_rewards:fragile", "on_error": "drop"}])
     ok, bad = reward.score(

@@ -52,3 +52,16 @@ def gil_hog(sample: rlcpm.Sample) -> float:
 
 def not_a_number(sample: rlcpm.Sample) -> str:
     return "high"
+
+
+class Scaled:
+    """A callable object, not a function: `fn: rlcpm_user_rewards:scaled`."""
+
+    def __init__(self, factor: float):
+        self.factor = factor
+
+    def __call__(self, sample: rlcpm.Sample, offset: float = 0.0) -> float:
+        return self.factor / sample.denominator + offset
+
+
+scaled = Scaled(2.0)
