@@ -163,6 +163,8 @@ def test_partial_credit():
 
 def test_no_call_expected():
     assert tool_use.score("It is sunny in {the} city [1].", []) == 1.0
+    for answer in ('{"answer": 42}', '```json\n{"answer": 42}\n```', "```\nprint(42)\n```"):
+        assert tool_use.score(answer, []) == 1.0, answer  # an answer in a fence is not a call either
     assert tool_use.score(json.dumps(GOOD_LIMA), []) == 0.0
     assert tool_use.score("no call at all", LIMA) == 0.0
 

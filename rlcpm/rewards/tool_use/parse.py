@@ -92,12 +92,10 @@ def _first_json_value(response: str) -> Any:
     """The first JSON value in the text that looks like a tool call (or a list of them).
 
     None when there is none; MalformedToolCall when the text mentions `"name"` (an attempted
-    call) but no such value decodes.
+    call) but no such value decodes. A ```json fence needs no special case: its value is found
+    like any other, and a fenced answer that is not a call is not one.
     """
     text = response.strip()
-    fenced = _FENCE.match(text)
-    if fenced:
-        return decode_json(fenced.group(1))
     decoder = json.JSONDecoder()
     starts = [i for i, char in enumerate(text) if char in "{["][:MAX_JSON_STARTS]
     for start in starts:
