@@ -53,6 +53,17 @@ def test_stdio_program_must_exit_zero():
     assert code.score(crashing, [{"input": "", "output": "6"}]) == 0.0
 
 
+def test_stdio_program_exits_as_the_interpreter_would():
+    """atexit handlers run and the original stdout is flushed (the fast-output idiom), a closed stdout is fine."""
+    buffered = (
+        "```python\nimport atexit, io, sys\nbuffer = io.StringIO()\nsys.stdout = buffer\n"
+        "atexit.register(lambda: sys.__stdout__.write(buffer.getvalue()))\nprint(int(input()) * 2)\n```"
+    )
+    closing = "```python\nimport sys\nprint(int(input()) * 2)\nsys.stdout.close()\n```"
+    for program in (buffered, closing):
+        assert code.score(program, [{"input": "21\n", "output": "42\n"}]) == 1.0, program
+
+
 def test_call_based_cases():
     tests = {"fn_name": "add", "inputs": [[1, 2], [[1], [2]], ["x", "y"]], "outputs": [3, [1, 2], "xy"]}
     assert code.score(GOOD_ADD, tests) == 1.0

@@ -15,6 +15,7 @@ Two modes:
 
 from __future__ import annotations
 
+import atexit
 import builtins
 import json
 import numbers
@@ -48,10 +49,14 @@ def run_script(program: str) -> int:
     except BaseException:  # noqa: BLE001 - the candidate's own error: its traceback, exit 1
         traceback.print_exc()
         code = 1
+    # Exit as the interpreter would: atexit handlers (fast-output idioms print there), then the
+    # open standard streams, replaced (`sys.stdout = io.StringIO()`) and original alike.
+    atexit._run_exitfuncs()
     try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except BaseException:  # noqa: BLE001 - closed or broken stdout
+        for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+            if stream is not None and not stream.closed:
+                stream.flush()
+    except BaseException:  # noqa: BLE001 - a broken stdout
         code = code or 1
     return code
 
