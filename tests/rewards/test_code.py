@@ -54,13 +54,20 @@ def test_stdio_program_must_exit_zero():
 
 
 def test_stdio_program_exits_as_the_interpreter_would():
-    """atexit handlers run and the original stdout is flushed (the fast-output idiom), a closed stdout is fine."""
+    """Non-daemon threads are waited for (deep-recursion idiom), atexit handlers run and the original
+    stdout is flushed (fast-output idiom), a closed stdout is fine."""
     buffered = (
         "```python\nimport atexit, io, sys\nbuffer = io.StringIO()\nsys.stdout = buffer\n"
         "atexit.register(lambda: sys.__stdout__.write(buffer.getvalue()))\nprint(int(input()) * 2)\n```"
     )
     closing = "```python\nimport sys\nprint(int(input()) * 2)\nsys.stdout.close()\n```"
-    for program in (buffered, closing):
+    threaded = (
+        "```python\nimport threading\nthreading.stack_size(1 << 26)\n"
+        "def depth(k):\n    return 0 if k == 0 else 1 + depth(k - 1)\n"
+        "def main():\n    import sys\n    sys.setrecursionlimit(100000)\n    print(2 * depth(int(input())))\n"
+        "threading.Thread(target=main).start()\n```"
+    )
+    for program in (buffered, closing, threaded):
         assert code.score(program, [{"input": "21\n", "output": "42\n"}]) == 1.0, program
 
 

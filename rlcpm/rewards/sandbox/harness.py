@@ -49,8 +49,12 @@ def run_script(program: str) -> int:
     except BaseException:  # noqa: BLE001 - the candidate's own error: its traceback, exit 1
         traceback.print_exc()
         code = 1
-    # Exit as the interpreter would: atexit handlers (fast-output idioms print there), then the
-    # open standard streams, replaced (`sys.stdout = io.StringIO()`) and original alike.
+    # Exit as the interpreter would: wait for non-daemon threads (deep-recursion solutions run
+    # `main` on a thread with a big stack), run atexit handlers (fast-output idioms print there),
+    # flush the open standard streams, replaced (`sys.stdout = io.StringIO()`) and original alike.
+    threading = sys.modules.get("threading")
+    if threading is not None:
+        threading._shutdown()
     atexit._run_exitfuncs()
     try:
         for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
