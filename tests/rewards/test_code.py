@@ -48,6 +48,15 @@ def test_stdin_stdout_cases():
     assert code.score(SUM_STDIN, {"inputs": ["2 2\n", "5"], "outputs": ["4\n", "5\n"]}) == 1.0
 
 
+def test_stdin_is_a_file_as_judges_give_it():
+    """The fast-input idiom sizes stdin with fstat, which a pipe reports as 0 bytes."""
+    fast_input = (
+        "```python\nimport io, os\ninput = io.BytesIO(os.read(0, os.fstat(0).st_size)).readline\n"
+        "n = int(input())\nprint(sum(map(int, input().split())))\n```"
+    )
+    assert code.score(fast_input, [{"input": "3\n1 2 3\n", "output": "6\n"}]) == 1.0
+
+
 def test_stdio_program_must_exit_zero():
     crashing = "```python\nprint(6)\nraise SystemExit(3)\n```"
     assert code.score(crashing, [{"input": "", "output": "6"}]) == 0.0

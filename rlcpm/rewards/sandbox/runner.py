@@ -1,7 +1,7 @@
 """Run one untrusted Python program in a disposable sandbox and collect what it did.
 
 The parent side of the sandbox: it starts `launcher.py` (under `unshare` when namespaces are
-available) in a new session with an empty environment, feeds the job and stdin, reads stdout,
+available) in a new session with an empty environment, feeds it the job (and stdin as a file), reads stdout,
 stderr, the harness's reports and the supervisor's status with caps, and kills the whole session
 on the deadline or when an output cap is passed. Safe to call from any thread; many runs may go
 on at once (each has its own pipes, uid and working directory).
@@ -167,16 +167,18 @@ def _execute(job: dict, stdin: bytes, limits: SandboxLimits, iso: Isolation, tok
     status_r, status_w = os.pipe()
     stdout_r, stdout_w = os.pipe()
     stderr_r, stderr_w = os.pipe()
-    stdin_r, stdin_w = os.pipe() if stdin else (None, None)
+    stdin_fd = _stdin_file(stdin) if stdin else None
     argv = [sys.executable, "-I", LAUNCHER, str(job_r), str(report_w), str(status_w)]
     if iso.namespaces:
         argv = [iso.unshare, *UNSHARE_FLAGS, *argv]
-    child_ends = [job_r, report_w, status_w, stdout_w, stderr_w] + ([stdin_r] if stdin_r is not None else [])
+    child_ends = [job_r, report_w, status_w, stdout_w, stderr_w] + (
+        [stdin_fd] if stdin_fd is not None else []
+    )
     start = time.monotonic()
     try:
         proc = subprocess.Popen(
             argv,
-            stdin=stdin_r if stdin_r is not None else subprocess.DEVNULL,
+            stdin=stdin_fd if stdin_fd is not None else subprocess.DEVNULL,
             stdout=stdout_w,
             stderr=stderr_w,
             pass_fds=(job_r, report_w, status_w),
@@ -185,16 +187,13 @@ def _execute(job: dict, stdin: bytes, limits: SandboxLimits, iso: Isolation, tok
             cwd="/",
         )
     except OSError as err:
-        for fd in child_ends + [job_w, report_r, status_r, stdout_r, stderr_r, stdin_w]:
-            if fd is not None:
-                os.close(fd)
+        for fd in child_ends + [job_w, report_r, status_r, stdout_r, stderr_r]:
+            os.close(fd)
         raise SandboxError(f"could not start the sandbox ({argv[0]}): {err}") from err
     for fd in child_ends:
         os.close(fd)
     session = Session(proc, job.get("uid") if not iso.namespaces else None)
     writes = {job_w: json.dumps(job).encode()}
-    if stdin_w is not None:
-        writes[stdin_w] = stdin
     caps = {stdout_r: limits.max_output_bytes, stderr_r: limits.max_output_bytes}
     caps |= {report_r: MAX_REPORT_BYTES, status_r: 1 << 16}
     deadline = start + job["budget_s"] + limits.startup_grace_s
@@ -219,6 +218,17 @@ def _execute(job: dict, stdin: bytes, limits: SandboxLimits, iso: Isolation, tok
         cpu_s=status.get("cpu_s"),
         reports=reports,
     )
+
+
+def _stdin_file(data: bytes) -> int:
+    """`data` in an anonymous file, for the program's stdin: judges give stdin as a file, and the
+    fast-input idiom `os.read(0, os.fstat(0).st_size)` reads nothing from a pipe (size 0)."""
+    fd = os.memfd_create("rlcpm-sandbox-stdin")
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
 
 
 def _parse_status(raw: bytes) -> dict:

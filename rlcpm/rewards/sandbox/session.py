@@ -79,7 +79,7 @@ class IOResult:
 def pump_pipes(
     session: Session, writes: dict[int, bytes], caps: dict[int, int], status_fd: int, deadline: float
 ):
-    """Write the job/stdin, read every pipe to EOF; kill on deadline or cap; returns what was read."""
+    """Write the job, read every pipe to EOF; kill on deadline or cap; returns what was read."""
     selector = selectors.DefaultSelector()
     result = IOResult({fd: bytearray() for fd in caps})
     for fd in caps:
@@ -135,7 +135,7 @@ def _write_some(fd: int, writes: dict[int, bytes]) -> bool:
         written = os.write(fd, writes[fd][: 1 << 16])
     except BlockingIOError:
         return False
-    except OSError:  # BrokenPipeError: the program exited without reading its stdin
+    except OSError:  # BrokenPipeError: the supervisor exited without reading the job
         return True
     writes[fd] = writes[fd][written:]
     return not writes[fd]
