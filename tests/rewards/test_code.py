@@ -46,6 +46,8 @@ def test_stdin_stdout_cases():
     assert result.form == "stdio" and len(result.runs) == 3  # one fresh sandbox per case
     assert [o.passed for o in result.outcomes] == [True, True, False]
     assert code.score(SUM_STDIN, {"inputs": ["2 2\n", "5"], "outputs": ["4\n", "5\n"]}) == 1.0
+    # a null fn_name (APPS-style rows, or a parquet struct column shared with call-based rows) is stdio
+    assert parse_tests({"fn_name": None, "inputs": ["2 2\n"], "outputs": ["4\n"]}).form == "stdio"
 
 
 def test_stdin_is_a_file_as_judges_give_it():

@@ -5,7 +5,7 @@
 - a list of such strings: each string is one case;
 - a list of `{"input": stdin, "output": expected_stdout}` (also `{"inputs": [...], "outputs": [...]}`);
 - `{"fn_name", "inputs", "outputs"}`: call `fn_name(*inputs[i])` (or `Solution().fn_name`) and
-  compare with `outputs[i]`.
+  compare with `outputs[i]` (a null `fn_name` means stdin/stdout cases).
 Tests may also arrive as the JSON text of one of these forms.
 
 `assert <expr> == <literal>` (or `is None/True/False`) becomes a *value* step: only `<expr>`
@@ -76,7 +76,7 @@ def parse_tests(tests: Any) -> CodeTests:
     if isinstance(tests, str):
         return CodeTests("asserts", tuple(_cases_from_source(tests)))
     if isinstance(tests, dict):
-        if "fn_name" in tests:
+        if tests.get("fn_name") is not None:  # null: a stdio row (APPS, a shared parquet struct)
             return CodeTests("call", tuple(_call_cases(tests)))
         if "inputs" in tests and "outputs" in tests:
             pairs = _paired(tests, "inputs", "outputs")
