@@ -59,6 +59,17 @@ def test_stdin_is_a_file_as_judges_give_it():
     assert code.score(fast_input, [{"input": "3\n1 2 3\n", "output": "6\n"}]) == 1.0
 
 
+def test_stdio_output_cap_admits_the_expected_output():
+    """A correct program printing a long expected answer is not killed by the output cap."""
+    limits = code.SandboxLimits(max_output_bytes=1000)
+    expected = "".join(f"{i}\n" for i in range(2000))  # 8890 bytes
+    program = "```python\nprint(*range(int(input())), sep='\\n')\n```"
+    assert code.score(program, [{"input": "2000", "output": expected}], limits=limits) == 1.0
+    flood = "```python\nprint('x' * 100000)\n```"
+    result = code.run_tests(flood, [{"input": "", "output": expected}], limits=limits)
+    assert result.outcomes[0].reason == "output limit exceeded"
+
+
 def test_stdio_program_must_exit_zero():
     crashing = "```python\nprint(6)\nraise SystemExit(3)\n```"
     assert code.score(crashing, [{"input": "", "output": "6"}]) == 0.0

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from rlcpm.rewards.code.cases import CodeTests, parse_tests
+from rlcpm.rewards.code.cases import CodeTests, StdioCase, parse_tests
 from rlcpm.rewards.code.extract import extract_program
 from rlcpm.rewards.code.judge import CaseOutcome, judge_program, judge_stdio, stdout_matches
 from rlcpm.rewards.sandbox import SandboxLimits, SandboxRun, run_sandboxed
@@ -58,7 +58,9 @@ def run_tests(
     limits = dataclasses.replace(limits or SandboxLimits(), timeout_s=timeout_s, memory_mb=memory_mb)
     if parsed.is_stdio:
         runs = [
-            run_sandboxed(program, stdin=case.stdin.encode(), limits=limits, isolation=isolation)
+            run_sandboxed(
+                program, stdin=case.stdin.encode(), limits=_stdio_limits(limits, case), isolation=isolation
+            )
             for case in parsed.cases
         ]
         outcomes = [judge_stdio(case, run) for case, run in zip(parsed.cases, runs)]
@@ -66,6 +68,12 @@ def run_tests(
     units = [[step.for_sandbox() for step in case.steps] for case in parsed.cases]
     run = run_sandboxed(program, units=units, limits=limits, isolation=isolation)
     return CodeResult(parsed.form, judge_program(parsed, run), [run])
+
+
+def _stdio_limits(limits: SandboxLimits, case: StdioCase) -> SandboxLimits:
+    """The output cap admits twice the case's expected output: a correct program is never cut off."""
+    needed = 2 * len(case.expected_stdout.encode())
+    return dataclasses.replace(limits, max_output_bytes=max(limits.max_output_bytes, needed))
 
 
 def score(response: str, tests: Any, timeout_s: float = 2.0, memory_mb: int = 1024, **options: Any) -> float:
