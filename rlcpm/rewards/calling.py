@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import queue
 import threading
 import time
@@ -28,11 +29,37 @@ class CallOutcome:
 
 
 def call_maybe_async(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """fn(*args, **kwargs), running it to completion on a private event loop if it is a coroutine."""
+    """fn(*args, **kwargs), running it to completion on the shared event loop if it is a coroutine."""
     result = fn(*args, **kwargs)
     if inspect.isawaitable(result):
-        return asyncio.run(_await(result))
+        return asyncio.run_coroutine_threadsafe(_await(result), _shared_loop()).result()
     return result
+
+
+_loop: asyncio.AbstractEventLoop | None = None
+_loop_lock = threading.Lock()
+
+
+def _shared_loop() -> asyncio.AbstractEventLoop:
+    """The event loop of every async reward call in this process, run by a daemon thread.
+
+    One loop, not one per call: a reward module's async state (an AsyncOpenAI or httpx client,
+    an asyncio semaphore) is bound to the loop it was first used on and fails on any other.
+    """
+    global _loop
+    with _loop_lock:
+        if _loop is None:
+            _loop = asyncio.new_event_loop()
+            threading.Thread(target=_loop.run_forever, daemon=True, name="rlcpm-reward-loop").start()
+        return _loop
+
+
+def _forget_loop_in_child() -> None:
+    global _loop
+    _loop = None  # a forked child has the loop object but not the thread that runs it
+
+
+os.register_at_fork(after_in_child=_forget_loop_in_child)
 
 
 async def _await(awaitable: Any) -> Any:

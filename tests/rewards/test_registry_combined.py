@@ -105,6 +105,14 @@ def test_async_and_batched_rewards(user_module):
     assert results[1].total == pytest.approx(0.4)
 
 
+def test_async_rewards_share_one_event_loop(user_module):
+    """Module-level async state (an AsyncOpenAI client, a semaphore) works on every call, every step."""
+    reward = CombinedReward.from_specs([{"fn": "rlcpm_user_rewards:async_shared_state"}])
+    for _ in range(2):
+        results = reward.score(_samples("a", "b", "c"))
+        assert [(r.total, r.error) for r in results] == [(1.0, None)] * 3
+
+
 def test_errors_name_the_function_and_the_sample(user_module, caplog):
     reward = CombinedReward.from_specs(
         [{"fn": "rlcpm_user_rewards:fragile"}, {"name": "format", "weight": 0.0}]

@@ -65,3 +65,14 @@ class Scaled:
 
 
 scaled = Scaled(2.0)
+
+
+_ready = asyncio.Event()  # module-level asyncio state, as an async HTTP client's pool or a rate limiter holds
+
+
+async def async_shared_state(sample: rlcpm.Sample) -> float:
+    """Awaits a module-level Event, which binds it to the event loop of the first call."""
+    _ready.clear()
+    asyncio.get_running_loop().call_later(0.001, _ready.set)
+    await _ready.wait()
+    return 1.0
