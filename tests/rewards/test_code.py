@@ -203,6 +203,13 @@ def test_a_program_the_sandbox_cannot_confine_raises_instead_of_scoring_zero(lim
     assert code.score(GOOD_ADD, "assert add(1, 1) == 2") == 1.0
 
 
+@pytest.mark.parametrize("field", ["timeout_s", "total_memory_mb", "max_open_files"])
+def test_sandbox_limits_must_be_positive(field):
+    """total_memory_mb=0 made every run die before the tests ('program exited'), silently scoring 0."""
+    with pytest.raises(SandboxError, match=f"{field} must be > 0"):
+        code.SandboxLimits(**{field: 0})
+
+
 def test_score_many_runs_programs_concurrently():
     scores = code.score_many([GOOD_ADD, BAD_ADD, GOOD_ADD], ["assert add(1, 1) == 2"] * 3, max_workers=3)
     assert scores == [1.0, 0.0, 1.0]

@@ -63,9 +63,11 @@ class SandboxLimits:
             "timeout_s",
             "memory_mb",
             "max_processes",
+            "total_memory_mb",
             "file_size_mb",
             "disk_mb",
             "max_output_bytes",
+            "max_open_files",
         ):
             if getattr(self, name) <= 0:
                 raise SandboxError(f"sandbox limit {name} must be > 0, got {getattr(self, name)!r}")
