@@ -70,6 +70,15 @@ def test_stdio_output_cap_admits_the_expected_output():
     assert result.outcomes[0].reason == "output limit exceeded"
 
 
+def test_limits_timeout_and_memory_are_kept_unless_overridden():
+    """SandboxLimits(timeout_s=...) passed as `limits` was silently replaced by the 2 s default."""
+    slow = "```python\nimport time\ntime.sleep(0.6)\nprint(1)\n```"
+    case = [{"input": "", "output": "1"}]
+    assert code.score(slow, case, limits=code.SandboxLimits(timeout_s=0.3)) == 0.0
+    assert code.score(slow, case, 3.0, limits=code.SandboxLimits(timeout_s=0.3)) == 1.0  # explicit wins
+    assert code.run_tests(slow, case, limits=code.SandboxLimits(timeout_s=0.3)).runs[0].timed_out
+
+
 def test_stdio_program_must_exit_zero():
     crashing = "```python\nprint(6)\nraise SystemExit(3)\n```"
     assert code.score(crashing, [{"input": "", "output": "6"}]) == 0.0

@@ -41,8 +41,8 @@ class CodeResult:
 def run_tests(
     response: str,
     tests: Any,
-    timeout_s: float = 2.0,
-    memory_mb: int = 1024,
+    timeout_s: float | None = None,
+    memory_mb: int | None = None,
     *,
     limits: SandboxLimits | None = None,
     isolation: str = "auto",
@@ -50,12 +50,15 @@ def run_tests(
 ) -> CodeResult:
     """Run the program of `response` (its last fenced Python block when `extract`) against `tests`.
 
-    `limits` sets the other sandbox limits; `timeout_s` and `memory_mb` override its fields.
+    `limits` sets the sandbox limits (default `SandboxLimits()`: 2 s, 1024 MB per program);
+    `timeout_s` and `memory_mb`, when given, override its fields.
     Raises RewardError for malformed tests and SandboxError if no sandbox can be started.
     """
     parsed: CodeTests = parse_tests(tests)
     program = extract_program(response) if extract else response
-    limits = dataclasses.replace(limits or SandboxLimits(), timeout_s=timeout_s, memory_mb=memory_mb)
+    limits = limits or SandboxLimits()
+    overrides = {"timeout_s": timeout_s, "memory_mb": memory_mb}
+    limits = dataclasses.replace(limits, **{k: v for k, v in overrides.items() if v is not None})
     if parsed.is_stdio:
         runs = [
             run_sandboxed(
@@ -76,7 +79,9 @@ def _stdio_limits(limits: SandboxLimits, case: StdioCase) -> SandboxLimits:
     return dataclasses.replace(limits, max_output_bytes=max(limits.max_output_bytes, needed))
 
 
-def score(response: str, tests: Any, timeout_s: float = 2.0, memory_mb: int = 1024, **options: Any) -> float:
+def score(
+    response: str, tests: Any, timeout_s: float | None = None, memory_mb: int | None = None, **options: Any
+) -> float:
     """Fraction of `tests` the response's program passes, in [0, 1] (options: see `run_tests`)."""
     return run_tests(response, tests, timeout_s, memory_mb, **options).fraction
 
