@@ -214,3 +214,13 @@ class AttentionMetadata:
             return torch.arange(ids.numel(), device=ids.device) - self.cu_seqlens_q[:-1].long()[ids]
 
         return self.cached("offsets_in_seq", build)
+
+    def default_positions(self) -> torch.Tensor:
+        """[T] int64 positions of packed tokens given none: 0, 1, ... per sequence, continuing
+        after the prefix for a sequence that continues one (prefix_seq)."""
+        offsets = self.offsets_in_seq()
+        if self.prefix_seq is None:
+            return offsets
+        prefix = self.prefix_seq.clamp(min=0)
+        prefix_lens = torch.where(self.prefix_seq >= 0, self.seq_lens_q[prefix], 0)
+        return offsets + prefix_lens[self.seq_ids()]

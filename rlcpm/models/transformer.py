@@ -111,7 +111,7 @@ class CausalLM(nn.Module):
         if meta is None:
             meta = AttentionMetadata.packed([input_ids.numel()], device=input_ids.device)
         if positions is None:
-            positions = meta.offsets_in_seq()
+            positions = meta.default_positions()
 
         hidden = self._hidden_states(input_ids, positions, meta, kv_cache)
         out = hidden if return_hidden else self.compute_logits(hidden)

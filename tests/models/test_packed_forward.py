@@ -176,6 +176,17 @@ def test_shared_prefix_packing_equals_repeating_the_prompt(backend, case, make_m
         assert (grads_shared[name] - grads_plain[name]).abs().max().item() <= 2e-6 * max(scale, 1e-6), name
 
 
+def test_default_positions_continue_after_a_shared_prefix(make_model, random_ids):
+    """Without explicit positions a continuation's tokens are numbered after its prefix (they were
+    restarted at 0, which rotated them as if the prompt were not there)."""
+    model = make_model("qwen3", num_key_value_heads=2)
+    (ids, positions, meta), *_ = _shared_and_unshared(model, SHARED["similar"], random_ids)
+    with torch.no_grad():
+        implicit = model(ids, meta=meta)
+        explicit = model(ids, positions, meta=meta)
+    assert torch.equal(implicit, explicit)
+
+
 def test_invalid_shared_prefixes_are_refused():
     from rlcpm.errors import EngineError
 
