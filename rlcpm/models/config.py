@@ -169,6 +169,9 @@ class ModelConfig:
         ]
         if missing:
             raise CheckpointError(f"{source}: required keys missing: {', '.join(missing)}")
+        for key in ("rope_scaling", "rope_parameters"):
+            if hf.get(key) is not None and not isinstance(hf[key], dict):
+                raise CheckpointError(f"{source}: {key} must be an object or null, got {hf[key]!r}")
         rope_params = dict(hf.get("rope_parameters") or {})
         nested_theta = rope_params.pop("rope_theta", None)
         rope_theta = next((t for t in (hf.get("rope_theta"), nested_theta) if t is not None), 10000.0)  # null: default

@@ -76,6 +76,9 @@ def test_to_hf_roundtrip_keeps_unknown_keys():
         # were a ZeroDivisionError, and a shape error in the first forward's RoPE
         ({"num_key_value_heads": 0}, CheckpointError, r"num_key_value_heads \(0\) must be positive"),
         ({"head_dim": 5}, CheckpointError, r"head_dim \(5\) must be even"),
+        # were an AttributeError / a ValueError from dict() naming neither the file nor the key
+        ({"rope_scaling": "linear"}, CheckpointError, r"config\.json: rope_scaling must be an object"),
+        ({"rope_parameters": [10000.0]}, CheckpointError, r"config\.json: rope_parameters must be an object"),
     ],
 )
 def test_bad_configs(change, error, pattern):
