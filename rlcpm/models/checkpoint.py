@@ -98,11 +98,11 @@ def checkpoint_files(path: str | Path) -> dict[Path, list[str] | None]:
     if index_path.is_file():
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            files: dict[Path, list[str] | None] = {}
+            for name, file_name in weight_map.items():  # tensor name -> shard file name
+                files.setdefault(path / file_name, []).append(name)
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
             raise CheckpointError(f"{index_path}: not a valid safetensors index ({err})") from err
-        files: dict[Path, list[str] | None] = {}
-        for name, file_name in weight_map.items():
-            files.setdefault(path / file_name, []).append(name)
         for file in files:
             if not file.is_file():
                 raise CheckpointError(f"{file}: listed in {index_path.name} but missing")

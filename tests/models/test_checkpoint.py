@@ -151,6 +151,17 @@ def test_index_pointing_to_a_missing_shard(make_model, tmp_path):
         load_model(tmp_path)
 
 
+@pytest.mark.parametrize("weight_map", [["model.norm.weight"], {"model.norm.weight": None}])
+def test_malformed_index_names_the_file(make_model, tmp_path, weight_map):
+    """Was an AttributeError ('list' object has no attribute 'items') / a TypeError on the path."""
+    save_model(make_model("llama"), tmp_path, max_shard_bytes=30_000)
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(
+        CheckpointError, match=r"model\.safetensors\.index\.json: not a valid safetensors index"
+    ):
+        load_model(tmp_path)
+
+
 def test_no_weights_at_all(saved):
     _, path = saved
     (path / "model.safetensors").unlink()
