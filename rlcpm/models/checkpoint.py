@@ -156,8 +156,9 @@ def load_model(
     model.tie_weights()  # to_empty re-creates parameters, which unties them
     params = dict(model.named_parameters())
     loaded: set[str] = set()
+    stored_heads: list[torch.Tensor] = []  # an lm_head.weight a tied checkpoint stores anyway
     for file, names in files.items():
-        _load_file(file, names, params, loaded, config)
+        _load_file(file, names, params, loaded, config, stored_heads)
     missing = sorted(set(params) - loaded)
     if missing:
         where = ", ".join(str(f.name) for f in files)
@@ -165,12 +166,24 @@ def load_model(
             f"{Path(path)}: tensor(s) missing from {where}: {', '.join(missing[:8])}"
             + (f" (+{len(missing) - 8} more)" if len(missing) > 8 else "")
         )
+    if stored_heads and not torch.equal(stored_heads[0].to(dtype), params["model.embed_tokens.weight"]):
+        log.warning(
+            "%s: config.json ties the LM head to the embeddings (tie_word_embeddings), but the "
+            "checkpoint stores a different lm_head.weight; it is ignored, as vLLM does (set "
+            "tie_word_embeddings: false in config.json to use it)",
+            path,
+        )
     return model.eval()
 
 
 @torch.no_grad()
 def _load_file(
-    file: Path, names: list[str] | None, params: dict, loaded: set[str], config: ModelConfig
+    file: Path,
+    names: list[str] | None,
+    params: dict,
+    loaded: set[str],
+    config: ModelConfig,
+    stored_heads: list[torch.Tensor],
 ) -> None:
     try:
         handle = safe_open(str(file), framework="pt", device="cpu")
@@ -181,10 +194,11 @@ def _load_file(
         for name in names if names is not None else keys:
             if name not in keys:
                 raise CheckpointError(f"{file}: tensor {name!r} is listed in the index but not in the file")
-            if name.endswith("rotary_emb.inv_freq") or (
-                config.tie_word_embeddings and name == "lm_head.weight"
-            ):
-                continue  # recomputed / shared with embed_tokens
+            if name.endswith("rotary_emb.inv_freq"):
+                continue  # recomputed
+            if config.tie_word_embeddings and name == "lm_head.weight":
+                stored_heads.append(handle.get_tensor(name))  # shared with embed_tokens: only compared
+                continue
             if name not in params:
                 raise CheckpointError(
                     f"{file}: unexpected tensor {name!r}: not a parameter of a {config.model_type} model "

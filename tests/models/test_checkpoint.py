@@ -179,3 +179,22 @@ def test_missing_tokenizer_directory_is_named_not_read_as_a_hub_id(tmp_path):
 
     with pytest.raises(CheckpointError, match=r"tokenizer directory not found: .*nope \(rlcpm loads local"):
         load_tokenizer(tmp_path / "nope")
+
+
+def test_a_tied_checkpoint_storing_another_lm_head_warns(make_model, tmp_path, caplog):
+    """tie_word_embeddings with a stored lm_head.weight that differs: the head is the embeddings
+    (as vLLM does), and the user is told, since transformers 5 would use the stored head."""
+    model = make_model("llama", tie_word_embeddings=True)
+    save_model(model, tmp_path)
+    tensors = load_file(str(tmp_path / "model.safetensors"))
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with caplog.at_level("WARNING", logger="rlcpm.models"):
+        load_model(tmp_path)  # an equal copy: nothing to say
+    assert "different lm_head.weight" not in caplog.text
+    tensors["lm_head.weight"] += 1.0
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    with caplog.at_level("WARNING", logger="rlcpm.models"):
+        loaded = load_model(tmp_path)
+    assert "different lm_head.weight" in caplog.text
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
