@@ -181,6 +181,7 @@ class ModelConfig:
         known = {f.name for f in fields(cls)} - {"extra", "torch_dtype", "rope_theta", "rope_scaling"}
         known.discard("attention")
         kwargs = {k: hf[k] for k in known if hf.get(k) is not None}
+        _check_types(kwargs, source)
         if model_type == "minicpm":
             kwargs.setdefault("tie_word_embeddings", True)  # MiniCPMConfig's default (MiniCPM-1B/2B omit it)
         dtype_name = hf.get("torch_dtype") or hf.get("dtype") or "float32"
@@ -251,3 +252,13 @@ class ModelConfig:
     def get(self, key: str, default: Any = None) -> Any:
         """dict-style access, as peft expects of `model.config`."""
         return getattr(self, key, default)
+
+
+def _check_types(values: dict[str, Any], source: str) -> None:
+    """CheckpointError for a bool or int config key of another JSON type ("false" would be true)."""
+    types = {f.name: f.type for f in fields(ModelConfig)}
+    for key, value in values.items():
+        if types[key] == "bool" and not isinstance(value, bool):
+            raise CheckpointError(f"{source}: {key} must be true or false, got {value!r}")
+        if types[key] == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+            raise CheckpointError(f"{source}: {key} must be an integer, got {value!r}")

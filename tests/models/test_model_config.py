@@ -79,6 +79,9 @@ def test_to_hf_roundtrip_keeps_unknown_keys():
         # were an AttributeError / a ValueError from dict() naming neither the file nor the key
         ({"rope_scaling": "linear"}, CheckpointError, r"config\.json: rope_scaling must be an object"),
         ({"rope_parameters": [10000.0]}, CheckpointError, r"config\.json: rope_parameters must be an object"),
+        # a string "false" was truthy: tied embeddings from a config that says untied
+        ({"tie_word_embeddings": "false"}, CheckpointError, r"tie_word_embeddings must be true or false"),
+        ({"hidden_size": 64.0}, CheckpointError, r"hidden_size must be an integer, got 64\.0"),
     ],
 )
 def test_bad_configs(change, error, pattern):
