@@ -114,7 +114,7 @@ def train_offline(recipe: Recipe, resume: bool = False) -> TrainResult:
                     learner.save_checkpoint(checkpoint_path(checkpoints, step + 1), extra=state)
                     prune_checkpoints(checkpoints, recipe.learner.checkpoint.keep_last)
             final_dir = (
-                _write_final(learner, tokenizer, model_dir, run_dir)
+                _write_final(learner, tokenizer, model_dir, run_dir, recipe.model.chat_template)
                 if recipe.learner.checkpoint.save_final
                 else None
             )
@@ -204,14 +204,19 @@ def _attach_reference_logps(learner, pairs: Sequence, extra: dict) -> None:
 # ---------------------------------------------------------------------------------- finish
 
 
-def _write_final(learner, tokenizer, model_dir: Path, run_dir: Path) -> Path:
-    """run_dir/final: the trained weights (LoRA merged) with the tokenizer and generation config."""
+def _write_final(
+    learner, tokenizer, model_dir: Path, run_dir: Path, chat_template: str | None = None
+) -> Path:
+    """run_dir/final: the trained weights (LoRA merged) with the tokenizer and generation config,
+    and `model.chat_template` when the recipe set one (the template the prompts were trained in)."""
     final_dir = run_dir / "final"
     learner.export_hf(final_dir)
     tokenizer.save_pretrained(str(final_dir))
     for name in TOKENIZER_FILES:  # the source's own files win (chat template, eos ids)
         if (model_dir / name).is_file():
             shutil.copyfile(model_dir / name, final_dir / name)
+    if chat_template is not None:  # chat_template.jinja wins over tokenizer_config.json's
+        (final_dir / "chat_template.jinja").write_text(chat_template)
     return final_dir
 
 

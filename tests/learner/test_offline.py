@@ -228,3 +228,18 @@ def test_offline_evaluation_runs_the_engine_as_the_rollout_settings_say(tmp_path
     metrics = evaluator.run(learner)
     assert 0.0 <= metrics["eval/accuracy"] <= 1.0
     assert evaluator.engine.weight_version == learner.policy_version
+
+
+def test_the_final_export_carries_the_recipes_chat_template(tmp_path, tiny_model_dir):
+    """model.chat_template renders the training prompts, so run_dir/final must hold it: it held the
+    source's template, and a GRPO run from the export rendered prompts unlike its SFT."""
+    from rlcpm.models import load_tokenizer
+
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant] "
+    sections = {
+        "model": {"path": str(tiny_model_dir), "device": "cpu", "chat_template": template},
+        "algorithm": {"name": "sft", "epochs": 0.05, "samples_per_step": 16, "max_seq_len": 256},
+        "data": {"train": {"task": "arithmetic", "num_samples": 320, "seed": 0}, "eval": None},
+    }
+    result = train_offline(_sft_recipe(tmp_path, tiny_model_dir, **sections))
+    assert load_tokenizer(result.final_model_dir).chat_template == template
