@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rlcpm.config import DPOConfig, Recipe, SFTConfig
+from rlcpm.config import ModelConfig as ModelSection
 from rlcpm.errors import TrainingError
 from rlcpm.learner.checkpoint import checkpoint_path, latest_checkpoint, prune_checkpoints
 from rlcpm.learner.model_source import resolve_model_dir
@@ -34,8 +35,8 @@ TOKENIZER_FILES = (
     "tokenizer_config.json",
     "special_tokens_map.json",
     "chat_template.jinja",
-    "generation_config.json",
 )
+GENERATION_CONFIG = "generation_config.json"
 
 
 def train_offline(recipe: Recipe, resume: bool = False) -> TrainResult:
@@ -114,7 +115,7 @@ def train_offline(recipe: Recipe, resume: bool = False) -> TrainResult:
                     learner.save_checkpoint(checkpoint_path(checkpoints, step + 1), extra=state)
                     prune_checkpoints(checkpoints, recipe.learner.checkpoint.keep_last)
             final_dir = (
-                _write_final(learner, tokenizer, model_dir, run_dir, recipe.model.chat_template)
+                _write_final(learner, tokenizer, model_dir, run_dir, recipe.model)
                 if recipe.learner.checkpoint.save_final
                 else None
             )
@@ -204,19 +205,20 @@ def _attach_reference_logps(learner, pairs: Sequence, extra: dict) -> None:
 # ---------------------------------------------------------------------------------- finish
 
 
-def _write_final(
-    learner, tokenizer, model_dir: Path, run_dir: Path, chat_template: str | None = None
-) -> Path:
-    """run_dir/final: the trained weights (LoRA merged) with the tokenizer and generation config,
-    and `model.chat_template` when the recipe set one (the template the prompts were trained in)."""
+def _write_final(learner, tokenizer, model_dir: Path, run_dir: Path, model_cfg: ModelSection) -> Path:
+    """run_dir/final: the trained weights (LoRA merged) with the tokenizer the run trained with
+    (`model.tokenizer`, else the model's; `model.chat_template` when set) and the model's
+    generation config."""
     final_dir = run_dir / "final"
     learner.export_hf(final_dir)
     tokenizer.save_pretrained(str(final_dir))
-    for name in TOKENIZER_FILES:  # the source's own files win (chat template, eos ids)
-        if (model_dir / name).is_file():
-            shutil.copyfile(model_dir / name, final_dir / name)
-    if chat_template is not None:  # chat_template.jinja wins over tokenizer_config.json's
-        (final_dir / "chat_template.jinja").write_text(chat_template)
+    tokenizer_dir = Path(model_cfg.tokenizer or model_dir)
+    sources = [tokenizer_dir / name for name in TOKENIZER_FILES] + [model_dir / GENERATION_CONFIG]
+    for source in sources:  # the sources' own files win (chat template, eos ids)
+        if source.is_file():
+            shutil.copyfile(source, final_dir / source.name)
+    if model_cfg.chat_template is not None:  # chat_template.jinja wins over tokenizer_config.json's
+        (final_dir / "chat_template.jinja").write_text(model_cfg.chat_template)
     return final_dir
 
 

@@ -243,3 +243,22 @@ def test_the_final_export_carries_the_recipes_chat_template(tmp_path, tiny_model
     }
     result = train_offline(_sft_recipe(tmp_path, tiny_model_dir, **sections))
     assert load_tokenizer(result.final_model_dir).chat_template == template
+
+
+def test_the_final_export_carries_the_tokenizer_the_run_trained_with(tmp_path, tiny_model_dir):
+    """With model.tokenizer set, run_dir/final holds that tokenizer's files (they were overwritten by
+    the model directory's own), and still the model's generation config."""
+    from rlcpm.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    tokenizer.chat_template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+    tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+    sections = {
+        "model": {"path": str(tiny_model_dir), "device": "cpu", "tokenizer": str(tmp_path / "tokenizer")},
+        "algorithm": {"name": "sft", "epochs": 0.05, "samples_per_step": 16, "max_seq_len": 256},
+        "data": {"train": {"task": "arithmetic", "num_samples": 320, "seed": 0}, "eval": None},
+    }
+    final = train_offline(_sft_recipe(tmp_path / "run", tiny_model_dir, **sections)).final_model_dir
+    assert load_tokenizer(final).chat_template == tokenizer.chat_template
+    generation_config = "generation_config.json"
+    assert (final / generation_config).read_text() == (tiny_model_dir / generation_config).read_text()
