@@ -260,11 +260,19 @@ class Learner:
         return self._finish_step(self._update(prompts, responses, None, loss_fn, SamplingSpec()))
 
     def dpo_step(self, pairs: Sequence[PreferencePair]) -> dict[str, float]:
-        """One optimizer update of the DPO-family loss over `pairs` (reference log-probs filled if missing)."""
+        """One optimizer update of the DPO-family loss over `pairs` (reference log-probs filled if
+        missing: by the reference policy, or with precompute_ref by the policy before its first update)."""
         algo = self.algorithm
         if not isinstance(algo, DPOConfig):
             raise TrainingError(f"dpo_step needs algorithm dpo, the recipe has {algo.name!r}")
         missing = [p for p in pairs if p.ref_chosen_logp is None or p.ref_rejected_logp is None]
+        if missing and self.reference is None and self.step > 0:  # pi_ref = the initial policy, gone
+            raise TrainingError(
+                f"{len(missing)} DPO pairs without reference log-probs at step {self.step}: with "
+                "algorithm.precompute_ref pi_ref is the initial policy, which only scores pairs before "
+                "the first update (fill ref_chosen_logp / ref_rejected_logp with learner.sequence_logprobs "
+                "then), or set precompute_ref: false to keep a reference policy"
+            )
         if missing:
             ref = self.sequence_logprobs(*flatten_pairs(missing), reference=self.reference is not None)
             for pair, chosen, rejected in zip(missing, ref[0::2], ref[1::2]):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from rlcpm.errors import TrainingError
 from rlcpm.learner import RLBatch
 from rlcpm.learner.learner import Learner
 from rlcpm.models import load_model
@@ -271,6 +272,21 @@ def test_dpo_with_on_the_fly_reference_learns_the_preference(make_recipe, lora):
         last = learner.dpo_step(pairs())
     assert last["train/loss"] < first["train/loss"] - 0.1
     assert last["train/accuracy"] == 1.0 and last["train/margin"] > 0
+
+
+def test_dpo_with_precomputed_reference_refuses_pairs_without_it_after_the_first_step(make_recipe):
+    """With precompute_ref (the default) pi_ref is the initial policy, which only exists before
+    the first update: later pairs without reference log-probs were scored under the TRAINED policy
+    as pi_ref (a loss of log 2 on every new pair, nothing learned); now a TrainingError."""
+    from rlcpm.learner import PreferencePair
+
+    recipe = make_recipe({"algorithm": {"name": "dpo", "beta": 0.5}, "rewards": []})
+    learner = Learner(recipe)
+    learner.dpo_step([PreferencePair([5, 6, 7], [8, 9], [10, 11, 12])])  # step 0: pi == pi_ref, filled
+    scored = PreferencePair([13, 14], [15], [16, 17], ref_chosen_logp=-3.0, ref_rejected_logp=-4.0)
+    learner.dpo_step([scored])
+    with pytest.raises(TrainingError, match="precompute_ref"):
+        learner.dpo_step([PreferencePair([13, 14], [15], [16, 17])])
 
 
 def test_a_skipped_step_advances_the_schedule_like_a_trained_one(make_recipe, make_rl_batch):
