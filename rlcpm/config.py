@@ -250,6 +250,14 @@ class DPOConfig(Section):
     precompute_ref: bool = True
     max_seq_len: int = Field(1024, gt=0)
 
+    @model_validator(mode="after")
+    def _cdpo_is_sigmoid(self) -> DPOConfig:
+        if self.label_smoothing and self.loss_type != "sigmoid":  # what dpo_loss refuses at the first step
+            raise ValueError(
+                f"label_smoothing applies to loss_type 'sigmoid' only (cDPO), not {self.loss_type!r}"
+            )
+        return self
+
 
 class SFTConfig(Section):
     name: Literal["sft"] = "sft"

@@ -188,6 +188,10 @@ def test_missing_required_sections(tmp_path):
         ("rewards=[{name: math, weight: .nan}]", "rewards[0].weight: Input should be a finite number"),
         ("rollout.temperature=inf", "rollout.temperature: Input should be a finite number"),
         ("algorithm.eps_high=inf", "algorithm.eps_high: Input should be a finite number"),
+        (
+            "algorithm={name: dpo, loss_type: ipo, label_smoothing: 0.1}",
+            "label_smoothing applies to loss_type 'sigmoid' only (cDPO), not 'ipo'",
+        ),
     ],
 )
 def test_value_errors_name_the_problem(tmp_path, override, fragment):
