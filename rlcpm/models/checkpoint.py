@@ -76,7 +76,8 @@ def load_tokenizer(path: str | Path):
     """
     from transformers import AutoTokenizer, PreTrainedConfig
 
-    if not Path(path).is_dir():  # else transformers reads the path as a hub repo id
+    path = Path(path).expanduser()  # `~` as in model.path
+    if not path.is_dir():  # else transformers reads the path as a hub repo id
         raise CheckpointError(f"tokenizer directory not found: {path}{_LOCAL_ONLY}")
     try:
         return AutoTokenizer.from_pretrained(str(path))

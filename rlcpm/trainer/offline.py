@@ -212,7 +212,7 @@ def _write_final(learner, tokenizer, model_dir: Path, run_dir: Path, model_cfg: 
     final_dir = run_dir / "final"
     learner.export_hf(final_dir)
     tokenizer.save_pretrained(str(final_dir))
-    tokenizer_dir = Path(model_cfg.tokenizer or model_dir)
+    tokenizer_dir = Path(model_cfg.tokenizer or model_dir).expanduser()
     sources = [tokenizer_dir / name for name in TOKENIZER_FILES] + [model_dir / GENERATION_CONFIG]
     for source in sources:  # the sources' own files win (chat template, eos ids)
         if source.is_file():

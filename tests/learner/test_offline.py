@@ -245,16 +245,18 @@ def test_the_final_export_carries_the_recipes_chat_template(tmp_path, tiny_model
     assert load_tokenizer(result.final_model_dir).chat_template == template
 
 
-def test_the_final_export_carries_the_tokenizer_the_run_trained_with(tmp_path, tiny_model_dir):
+def test_the_final_export_carries_the_tokenizer_the_run_trained_with(tmp_path, tiny_model_dir, monkeypatch):
     """With model.tokenizer set, run_dir/final holds that tokenizer's files (they were overwritten by
-    the model directory's own), and still the model's generation config."""
+    the model directory's own), and still the model's generation config. `~` in model.tokenizer is
+    the home directory, as in model.path (the preflight accepted it, then loading failed)."""
     from rlcpm.models import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_model_dir)
     tokenizer.chat_template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
     tokenizer.save_pretrained(str(tmp_path / "tokenizer"))
+    monkeypatch.setenv("HOME", str(tmp_path))
     sections = {
-        "model": {"path": str(tiny_model_dir), "device": "cpu", "tokenizer": str(tmp_path / "tokenizer")},
+        "model": {"path": str(tiny_model_dir), "device": "cpu", "tokenizer": "~/tokenizer"},
         "algorithm": {"name": "sft", "epochs": 0.05, "samples_per_step": 16, "max_seq_len": 256},
         "data": {"train": {"task": "arithmetic", "num_samples": 320, "seed": 0}, "eval": None},
     }
