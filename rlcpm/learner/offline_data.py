@@ -2,7 +2,8 @@
 
 SFT: prompt ids + response ids + EOS (the response is what the loss is about). DPO: one prompt
 and two responses, each + EOS. Prompt and response are tokenised separately, exactly as the
-engine sees a prompt and then generates. Items longer than `max_seq_len` lose the end of their
+engine sees a prompt and then generates (`prompt_ids`: a raw prompt with the tokenizer's BOS,
+as the GRPO loop sends it). Items longer than `max_seq_len` lose the end of their
 response (an item whose prompt alone is too long is skipped and counted).
 """
 
@@ -17,6 +18,13 @@ from rlcpm.learner.batch import PreferencePair, SFTSequence
 
 def _ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def prompt_ids(tokenizer, example) -> list[int]:
+    """The prompt's ids as the GRPO loop gives them to the engine: a raw prompt (no chat template,
+    `messages` None) with the tokenizer's special tokens (a BOS), a rendered template without (it
+    holds its own)."""
+    return list(tokenizer(example.prompt, add_special_tokens=example.messages is None)["input_ids"])
 
 
 def _eos_id(tokenizer) -> int:
@@ -34,7 +42,7 @@ def tokenize_demonstrations(examples: Sequence, tokenizer, max_seq_len: int) -> 
             raise DataError(
                 f"row {example.id!r}: SFT needs a `response` column (map it with data.fields.response)"
             )
-        prompt = _ids(tokenizer, example.prompt)
+        prompt = prompt_ids(tokenizer, example)
         room = max_seq_len - len(prompt)
         if not prompt or room < 1:
             skipped += 1
@@ -50,7 +58,7 @@ def tokenize_preferences(examples: Sequence, tokenizer, max_seq_len: int) -> tup
     for example in examples:
         if example.chosen is None or example.rejected is None:
             raise DataError(f"row {example.id!r}: DPO needs `chosen` and `rejected` columns (data.fields)")
-        prompt = _ids(tokenizer, example.prompt)
+        prompt = prompt_ids(tokenizer, example)
         room = max_seq_len - len(prompt)
         if not prompt or room < 1:
             skipped += 1

@@ -24,7 +24,7 @@ from rlcpm.config import ModelConfig as ModelSection
 from rlcpm.errors import TrainingError
 from rlcpm.learner.checkpoint import checkpoint_path, latest_checkpoint, prune_checkpoints
 from rlcpm.learner.model_source import resolve_model_dir
-from rlcpm.learner.offline_data import step_indices, tokenize_demonstrations, tokenize_preferences
+from rlcpm.learner.offline_data import prompt_ids, step_indices, tokenize_demonstrations, tokenize_preferences
 from rlcpm.models import load_tokenizer
 from rlcpm.monitor import Monitor, setup_logging
 from rlcpm.trainer import TrainResult, run_dir_of
@@ -277,7 +277,7 @@ class _Evaluator:
         rollout, eval_cfg = self.recipe.rollout, self.recipe.eval
         temperature = 0.0 if eval_cfg.greedy else (eval_cfg.temperature or rollout.temperature)
         params = eval_sampling_params(self.recipe, temperature, seed=self.recipe.seed)
-        prompts = [self.tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in self.examples]
+        prompts = [prompt_ids(self.tokenizer, e) for e in self.examples]
         outputs = self.engine.generate(prompts, params)
         texts = [self.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outputs]
         correct = [math_reward.score(text, e.answer) for text, e in zip(texts, self.examples)]

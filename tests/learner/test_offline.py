@@ -264,3 +264,29 @@ def test_the_final_export_carries_the_tokenizer_the_run_trained_with(tmp_path, t
     assert load_tokenizer(final).chat_template == tokenizer.chat_template
     generation_config = "generation_config.json"
     assert (final / generation_config).read_text() == (tiny_model_dir / generation_config).read_text()
+
+
+def test_offline_prompts_are_tokenised_as_the_grpo_loop_gives_them_to_the_engine(tiny_model_dir):
+    """A raw prompt (data.apply_chat_template: false) gets the tokenizer's BOS, as GRPO's rollouts
+    see it; SFT / DPO trained it without, so an SFT warm-up learned a context RL never shows. A
+    rendered chat template holds its own special tokens: no BOS added."""
+    from tokenizers.processors import TemplateProcessing
+
+    from rlcpm.data.example import Example
+    from rlcpm.learner.offline_data import tokenize_demonstrations, tokenize_preferences
+    from rlcpm.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    bos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    tokenizer._tokenizer.post_processor = TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)]
+    )  # a Llama-style tokenizer that adds a BOS
+    raw = Example("raw", "What is 2+2?", response="4", chosen="4", rejected="5")
+    messages = [{"role": "user", "content": "What is 2+2?"}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    chat = Example("chat", rendered, messages, response="4", chosen="4", rejected="5")
+    for tokenize in (tokenize_demonstrations, tokenize_preferences):
+        (raw_item, chat_item), _ = tokenize([raw, chat], tokenizer, 64)
+        assert raw_item.prompt_token_ids == tokenizer.encode(raw.prompt)  # GRPO's RLLoop.tokenize
+        assert raw_item.prompt_token_ids[0] == bos
+        assert chat_item.prompt_token_ids == tokenizer.encode(chat.prompt, add_special_tokens=False)
