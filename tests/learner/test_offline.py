@@ -290,3 +290,24 @@ def test_offline_prompts_are_tokenised_as_the_grpo_loop_gives_them_to_the_engine
         assert raw_item.prompt_token_ids == tokenizer.encode(raw.prompt)  # GRPO's RLLoop.tokenize
         assert raw_item.prompt_token_ids[0] == bos
         assert chat_item.prompt_token_ids == tokenizer.encode(chat.prompt, add_special_tokens=False)
+
+
+def test_a_resume_with_more_epochs_trains_its_first_step_at_the_new_schedules_rate(tmp_path, tiny_model_dir):
+    """Raising algorithm.epochs to continue a finished run: the first resumed update ran at the rate
+    the checkpoint's optimizer held (the old schedule's end, 0 for cosine), not the new schedule's."""
+    from rlcpm.learner.schedules import lr_multiplier
+
+    def recipe(epochs):
+        sections = {
+            "algorithm": {"name": "sft", "epochs": epochs, "samples_per_step": 16, "max_seq_len": 64},
+            "learner": {"lr": 1e-3, "schedule": {"name": "cosine"}},
+            "data": {"train": {"task": "arithmetic", "num_samples": 320, "seed": 0}, "eval": None,
+                     "apply_chat_template": False},
+        }  # fmt: skip
+        return _sft_recipe(tmp_path, tiny_model_dir, **sections)
+
+    assert [r["train/lr"] for r in train(recipe(0.1)).history][-1] == 0.0  # 2 steps, decayed to 0
+    longer = recipe(0.4)  # 8 steps
+    lrs = [r["train/lr"] for r in train(longer, resume=True).history]
+    expected = [1e-3 * lr_multiplier(step, longer.learner.schedule, 8) for step in range(3, 9)]
+    assert lrs == pytest.approx(expected, rel=1e-9)
