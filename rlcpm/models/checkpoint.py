@@ -66,6 +66,18 @@ def read_config(path: str | Path) -> ModelConfig:
     return ModelConfig.from_hf(hf, source=str(config_path))
 
 
+# The files of a Hugging Face tokenizer (fast and slow formats), copied with a model it belongs to.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+)
+
+
 def load_tokenizer(path: str | Path):
     """The tokenizer of a Hugging Face directory (`transformers.AutoTokenizer`).
 

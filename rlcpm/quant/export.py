@@ -28,7 +28,7 @@ from torch import nn
 
 from rlcpm.errors import CheckpointError
 from rlcpm.kernels.ternary import pack_ternary
-from rlcpm.models.checkpoint import QAT_LATENT_KEY
+from rlcpm.models.checkpoint import QAT_LATENT_KEY, TOKENIZER_FILES
 from rlcpm.quant.bitlinear import BitLinear
 from rlcpm.quant.qat import qat_group_sizes, replace_module
 from rlcpm.quant.ternary import quantize
@@ -37,15 +37,6 @@ from rlcpm.quant.ternary_linear import TernaryLinear
 QUANT_METHOD = "bitcpm_ternary"
 PACK_FORMAT = "2bit-quarters-v1"  # rlcpm.kernels.ternary.packing
 SCALE_SUFFIX = "_scale"
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-)
 
 
 def quantization_config(group_size: int) -> dict:

@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 from rlcpm.config import DPOConfig, Recipe, SFTConfig
-from rlcpm.config import ModelConfig as ModelSection
 from rlcpm.errors import TrainingError
 from rlcpm.learner.checkpoint import checkpoint_path, latest_checkpoint, prune_checkpoints
 from rlcpm.learner.model_source import resolve_model_dir
@@ -28,15 +26,9 @@ from rlcpm.learner.offline_data import prompt_ids, step_indices, tokenize_demons
 from rlcpm.models import load_tokenizer
 from rlcpm.monitor import Monitor, setup_logging
 from rlcpm.trainer import TrainResult, run_dir_of
+from rlcpm.trainer.export import write_final_model
 
 log = logging.getLogger("rlcpm.trainer")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-)
-GENERATION_CONFIG = "generation_config.json"
 
 
 def train_offline(recipe: Recipe, resume: bool = False) -> TrainResult:
@@ -115,7 +107,7 @@ def train_offline(recipe: Recipe, resume: bool = False) -> TrainResult:
                     learner.save_checkpoint(checkpoint_path(checkpoints, step + 1), extra=state)
                     prune_checkpoints(checkpoints, recipe.learner.checkpoint.keep_last)
             final_dir = (
-                _write_final(learner, tokenizer, model_dir, run_dir, recipe.model)
+                write_final_model(learner, tokenizer, model_dir, run_dir, recipe.model)
                 if recipe.learner.checkpoint.save_final
                 else None
             )
@@ -203,23 +195,6 @@ def _attach_reference_logps(learner, pairs: Sequence, extra: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------- finish
-
-
-def _write_final(learner, tokenizer, model_dir: Path, run_dir: Path, model_cfg: ModelSection) -> Path:
-    """run_dir/final: the trained weights (LoRA merged) with the tokenizer the run trained with
-    (`model.tokenizer`, else the model's; `model.chat_template` when set) and the model's
-    generation config."""
-    final_dir = run_dir / "final"
-    learner.export_hf(final_dir)
-    tokenizer.save_pretrained(str(final_dir))
-    tokenizer_dir = Path(model_cfg.tokenizer or model_dir).expanduser()
-    sources = [tokenizer_dir / name for name in TOKENIZER_FILES] + [model_dir / GENERATION_CONFIG]
-    for source in sources:  # the sources' own files win (chat template, eos ids)
-        if source.is_file():
-            shutil.copyfile(source, final_dir / source.name)
-    if model_cfg.chat_template is not None:  # chat_template.jinja wins over tokenizer_config.json's
-        (final_dir / "chat_template.jinja").write_text(model_cfg.chat_template)
-    return final_dir
 
 
 class _Evaluator:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from rlcpm.trainer import TrainResult, run_dir_of
 from rlcpm.trainer.chunk_scheduler import ChunkScheduler, PromptStream
 from rlcpm.trainer.cluster import ensure_ray
 from rlcpm.trainer.evaluation import evaluate
+from rlcpm.trainer.export import write_final_model
 from rlcpm.trainer.rollout_pool import RolloutPool
 from rlcpm.trainer.scoring import attach_rewards, passes_dynamic_sampling, reward_metrics, to_samples
 from rlcpm.trainer.trajectory import Group
@@ -360,11 +360,7 @@ class GRPOTrainer:
                 "greedy_accuracy_after": after.get("eval/greedy/accuracy"),
             }
             summary = {k: v for k, v in summary.items() if v is not None}
-        final = self.learner.export_hf(self.run_dir / "final")
-        self.tokenizer.save_pretrained(str(final))
-        source_generation = self.model_dir / "generation_config.json"
-        if source_generation.is_file():  # the source's stop ids and sampling defaults, as SFT / DPO keep them
-            shutil.copyfile(source_generation, final / "generation_config.json")
+        final = write_final_model(self.learner, self.tokenizer, self.model_dir, self.run_dir, self.recipe.model)
         summary["steps"] = self.step
         self.monitor.summary(summary)
         return TrainResult(self.run_dir, list(self.monitor.history), final, summary)

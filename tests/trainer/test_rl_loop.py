@@ -493,9 +493,15 @@ def test_resume_without_a_checkpoint_starts_fresh_logs(ray_session, model_dir, t
 def test_final_export_keeps_the_source_generation_config(ray_session, model_dir, tmp_path):
     """run_dir/final is what one serves: its generation_config.json is the source model's (both
     stop ids of the tiny model: <|im_end|> and <|endoftext|>), not one rebuilt from config.json's
-    single eos_token_id, as the SFT / DPO final export already keeps it."""
+    single eos_token_id, as the SFT / DPO final export already keeps it. It also carries the
+    recipe's model.chat_template, the one the run rendered its prompts with (it held the source's)."""
+    from rlcpm.models import load_tokenizer
+
     source = json.loads((model_dir / "generation_config.json").read_text())
     assert isinstance(source["eos_token_id"], list) and len(source["eos_token_id"]) == 2
-    result = train(make_recipe(model_dir, tmp_path / "run", **{"learner.total_steps": 1}))
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant] "
+    overrides = {"learner.total_steps": 1, "model.chat_template": template}
+    result = train(make_recipe(model_dir, tmp_path / "run", **overrides))
     final = json.loads((result.final_model_dir / "generation_config.json").read_text())
     assert final["eos_token_id"] == source["eos_token_id"]
+    assert load_tokenizer(result.final_model_dir).chat_template == template
