@@ -65,6 +65,8 @@ class Monitor:
         self.total_steps = total_steps or recipe.learner.total_steps
         self._jsonl = None
         _start_log(self.run_dir / "samples.jsonl", start_step)  # log_samples appends to it
+        if start_step == 0:  # summary() merges into the file: not into an earlier run's
+            (self.run_dir / "summary.json").unlink(missing_ok=True)
         if recipe.logging.jsonl:
             path = self.run_dir / "metrics.jsonl"
             _start_log(path, start_step)

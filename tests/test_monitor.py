@@ -58,6 +58,21 @@ def test_resume_drops_steps_to_be_redone(tmp_path):
     assert len(_rows(tmp_path / "run" / "metrics.jsonl")) == 1
 
 
+def test_a_fresh_run_starts_a_fresh_summary(tmp_path):
+    """A fresh run in a run_dir an earlier run wrote (one that kept no checkpoint) kept that
+    run's summary.json keys: its accuracies stood beside the new run's steps."""
+    recipe = _recipe(tmp_path, mode="disabled")
+    with Monitor(recipe, recipe.run_dir) as mon:
+        mon.summary({"accuracy_before": 0.25, "accuracy_after": 0.5, "steps": 10})
+    with Monitor(recipe, recipe.run_dir, start_step=4) as mon:  # a resume keeps what it does not redo
+        mon.summary({"steps": 12})
+    path = tmp_path / "run" / "summary.json"
+    assert json.loads(path.read_text()) == {"accuracy_before": 0.25, "accuracy_after": 0.5, "steps": 12}
+    with Monitor(recipe, recipe.run_dir) as mon:  # a fresh run without evaluation
+        mon.summary({"steps": 3})
+    assert json.loads(path.read_text()) == {"steps": 3}
+
+
 def test_resume_after_a_kill_mid_write_drops_the_torn_line(tmp_path, rlcpm_log):
     """A run killed while writing a metrics row leaves half a line; resume (and `rlcpm report`)
     drop it with a warning instead of failing on it. A bad line elsewhere is still an error."""
