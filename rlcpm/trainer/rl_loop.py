@@ -138,7 +138,7 @@ class GRPOTrainer:
             ckpt = self.recipe.learner.checkpoint
             is_checkpoint = self.step % ckpt.every_steps == 0 or (self.step == total and ckpt.save_final)
             is_eval = bool(self.eval_examples and self.recipe.eval.every_steps) and (
-                self.step % self.recipe.eval.every_steps == 0
+                self.step % self.recipe.eval.every_steps == 0 and self.step < total  # the last: _finish's
             )
             if is_checkpoint or is_eval or self.step == total:
                 metrics.update(self._finish_update())  # evaluate / save the updated weights

@@ -505,3 +505,11 @@ def test_final_export_keeps_the_source_generation_config(ray_session, model_dir,
     final = json.loads((result.final_model_dir / "generation_config.json").read_text())
     assert final["eos_token_id"] == source["eos_token_id"]
     assert load_tokenizer(result.final_model_dir).chat_template == template
+
+
+def test_eval_every_steps_evaluates_the_last_step_once(ray_session, model_dir, tmp_path):
+    """eval.every_steps dividing total_steps: the last step was evaluated twice on the same
+    weights (in its step and again as the final evaluation), logging two eval rows for it."""
+    recipe = make_recipe(model_dir, tmp_path / "run", **{"eval.every_steps": 1, "rollout.n_samples": 2})
+    history = train(recipe).history
+    assert [row["step"] for row in history if "eval/accuracy" in row] == [0, 1, 2]
