@@ -79,6 +79,7 @@ class RolloutPool:
             self.model_dir,
             dtype=self.dtype,
             device=self.recipe.model.device,
+            tokenizer_path=self.recipe.model.tokenizer,  # None: the model's own
             max_num_seqs=rollout.max_batch_seqs,
             max_num_batched_tokens=rollout.max_batch_tokens,
             kv_budget_gb=rollout.kv_budget_gb,

@@ -14,6 +14,7 @@ from rlcpm.models import load_model
 from rlcpm.models.tiny import build_tiny_model_dir
 from rlcpm.rollout import sampling_logprobs
 from rlcpm.trainer import train
+from rlcpm.trainer.evaluation import eval_sampling_params
 from rlcpm.trainer.rl_loop import GRPOTrainer
 
 HERE = Path(__file__).parent
@@ -513,3 +514,21 @@ def test_eval_every_steps_evaluates_the_last_step_once(ray_session, model_dir, t
     recipe = make_recipe(model_dir, tmp_path / "run", **{"eval.every_steps": 1, "rollout.n_samples": 2})
     history = train(recipe).history
     assert [row["step"] for row in history if "eval/accuracy" in row] == [0, 1, 2]
+
+
+def test_rollout_workers_load_the_tokenizer_of_model_tokenizer(ray_session, model_dir, tmp_path):
+    """model.tokenizer names the tokenizer of a model directory that has none: the rollout
+    workers loaded it from model.path anyway, and died starting up."""
+    from rlcpm.trainer.rollout_pool import RolloutPool
+
+    weights, tokenizer = tmp_path / "weights", tmp_path / "tokenizer"
+    shutil.copytree(model_dir, weights)
+    tokenizer.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.move(weights / name, tokenizer / name)
+    recipe = make_recipe(weights, tmp_path / "run", **{"model.tokenizer": str(tokenizer), "rollout.stop": ["\n"]})
+    pool = RolloutPool(recipe, weights)
+    try:
+        assert pool.generate_plain([[5, 17, 301]], [eval_sampling_params(recipe, 0.0, seed=0)])[0].token_ids
+    finally:
+        pool.close()
