@@ -16,8 +16,10 @@ log = logging.getLogger("rlcpm.trainer")
 _WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0"}
 
 
-def ensure_ray(cluster: ClusterConfig) -> bool:
-    """Make sure Ray is running; returns True when this call started it (and should stop it)."""
+def ensure_ray(cluster: ClusterConfig, actor_cpus: int = 0) -> bool:
+    """Make sure Ray is running; returns True when this call started it (and should stop it).
+    `actor_cpus`: the CPUs the run's actors reserve, that a local Ray has at least (an actor
+    without one would wait for it forever)."""
     import ray
 
     if ray.is_initialized():
@@ -30,7 +32,7 @@ def ensure_ray(cluster: ClusterConfig) -> bool:
         ray.init(address=cluster.address, runtime_env=env, log_to_driver=True, configure_logging=False)
     else:
         ray.init(
-            num_cpus=max(cluster.num_cpus or os.cpu_count() or 1, 4),
+            num_cpus=max(cluster.num_cpus or os.cpu_count() or 1, 4, actor_cpus),
             num_gpus=cluster.num_gpus,
             include_dashboard=False,
             runtime_env=env,

@@ -168,7 +168,7 @@ def _make_learner(recipe: Recipe, model_dir: Path):
         from rlcpm.learner.group import LearnerGroup
         from rlcpm.trainer.cluster import ensure_ray
 
-        owns_ray = ensure_ray(recipe.cluster)
+        owns_ray = ensure_ray(recipe.cluster, recipe.learner.data_parallel)  # a CPU per rank
         return LearnerGroup(recipe, model_dir=model_dir), owns_ray
     from rlcpm.learner.learner import Learner
 

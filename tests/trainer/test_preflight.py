@@ -155,6 +155,36 @@ def test_an_unreachable_ray_address_fails_at_once():
     check_reachable("auto")  # left to Ray
 
 
+def test_a_local_ray_has_a_cpu_for_every_actor_of_the_run(monkeypatch, tmp_path):
+    """Learner ranks and rollout workers reserve one CPU each: a local Ray sized by the machine
+    (at least 4) left the fourth rollout worker of a 2-core machine waiting for a CPU forever,
+    and the run hung silently in its start-up."""
+    import os
+
+    import ray
+
+    from rlcpm.config import ClusterConfig
+    from rlcpm.trainer import rl_loop
+    from rlcpm.trainer.cluster import ensure_ray
+
+    def no_ray(cluster, actor_cpus=0):
+        raise RuntimeError(f"actor_cpus={actor_cpus}")
+
+    monkeypatch.setattr(rl_loop, "ensure_ray", no_ray)
+    grpo = recipe(tmp_path / "run", **{"rollout.workers": 4, "learner.data_parallel": 2})
+    with pytest.raises(RuntimeError, match="actor_cpus=6"):
+        rl_loop.GRPOTrainer(grpo)
+
+    started = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: started.update(kwargs))
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert ensure_ray(ClusterConfig(), actor_cpus=5)
+    assert started["num_cpus"] == 5
+    ensure_ray(ClusterConfig(num_cpus=6), actor_cpus=5)
+    assert started["num_cpus"] == 6
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
