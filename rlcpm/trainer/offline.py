@@ -214,6 +214,7 @@ class _Evaluator:
             str(model_dir),
             dtype=engine_dtype(recipe),
             device=resolve_device(model.device),
+            tokenizer_path=model.tokenizer,  # None: the model's own
             attention=model.attention,
             sparse_config=model.sparse_config_override(),
             seed=recipe.seed,

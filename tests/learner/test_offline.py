@@ -141,12 +141,18 @@ def test_sft_says_that_an_explicit_total_steps_is_not_used(tmp_path, tiny_model_
     sections = {
         "algorithm": {"name": "sft", "epochs": 0.05, "samples_per_step": 16, "max_seq_len": 64},
         "learner": {"lr": 1e-3, "total_steps": 99},
-        "data": {"train": {"task": "arithmetic", "num_samples": 320, "seed": 0}, "apply_chat_template": False},
+        "data": {
+            "train": {"task": "arithmetic", "num_samples": 320, "seed": 0},
+            "apply_chat_template": False,
+        },
         "eval": {"num_prompts": 1},
     }
     result = train_offline(_sft_recipe(tmp_path, tiny_model_dir, **sections))
     assert max(r["step"] for r in result.history) == 1  # ceil(0.05 * 320 / 16)
-    assert "learner.total_steps (99) is not used; the run takes ceil(epochs x rows / samples_per_step) = 1" in rlcpm_log.text
+    assert (
+        "learner.total_steps (99) is not used; the run takes ceil(epochs x rows / samples_per_step) = 1"
+        in rlcpm_log.text
+    )
 
 
 def test_sft_with_eval_prints_its_held_out_accuracy_before_and_after_also_when_resumed(
@@ -208,7 +214,10 @@ def test_resuming_a_finished_sft_run_says_to_raise_the_epochs(tmp_path, tiny_mod
     train(recipe)
     resumed = train(recipe, resume=True)
     assert resumed.history == []
-    assert "is at step 2 of the 2 this recipe takes: nothing left to train (raise algorithm.epochs" in rlcpm_log.text
+    assert (
+        "is at step 2 of the 2 this recipe takes: nothing left to train (raise algorithm.epochs"
+        in rlcpm_log.text
+    )
     assert "learner.total_steps" not in rlcpm_log.text
 
 
@@ -219,15 +228,33 @@ def test_offline_evaluation_runs_the_engine_as_the_rollout_settings_say(tmp_path
     from rlcpm.models import load_tokenizer
     from rlcpm.trainer.offline import _Evaluator
 
-    recipe = _sft_recipe(
-        tmp_path / "run", tiny_model_dir, rollout={"max_new_tokens": 6, "dtype": "bfloat16"}
-    )
+    recipe = _sft_recipe(tmp_path / "run", tiny_model_dir, rollout={"max_new_tokens": 6, "dtype": "bfloat16"})
     evaluator = _Evaluator.maybe(recipe, load_tokenizer(tiny_model_dir), tiny_model_dir)
     assert evaluator.engine.model.dtype == torch.bfloat16
     learner = Learner(recipe, model_dir=tiny_model_dir)  # float32 weights, cast for the bfloat16 engine
     metrics = evaluator.run(learner)
     assert 0.0 <= metrics["eval/accuracy"] <= 1.0
     assert evaluator.engine.weight_version == learner.policy_version
+
+
+def test_offline_evaluation_loads_model_tokenizer(tmp_path, tiny_model_dir):
+    """A model directory without tokenizer files and model.tokenizer set: the evaluation's engine
+    loaded the tokenizer from the model directory and the run died setting it up."""
+    import shutil
+
+    from rlcpm.models import load_tokenizer
+    from rlcpm.models.checkpoint import TOKENIZER_FILES
+    from rlcpm.trainer.offline import _Evaluator
+
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_model_dir, bare)
+    for name in TOKENIZER_FILES:
+        (bare / name).unlink(missing_ok=True)
+    recipe = _sft_recipe(
+        tmp_path / "run", bare, model={"path": str(bare), "device": "cpu", "tokenizer": str(tiny_model_dir)}
+    )
+    evaluator = _Evaluator.maybe(recipe, load_tokenizer(tiny_model_dir), bare)
+    assert evaluator.engine.tokenizer is not None
 
 
 def test_the_final_export_carries_the_recipes_chat_template(tmp_path, tiny_model_dir):
