@@ -212,6 +212,7 @@ class _Progress:
         self._bar = None
         self._task = None
         if sys.stderr.isatty():
+            from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self._bar = Progress(
@@ -221,6 +222,8 @@ class _Progress:
                 TimeRemainingColumn(),
                 TextColumn("{task.fields[info]}"),
                 transient=False,
+                console=Console(stderr=True),  # the terminal checked above, where the log lines go
+                redirect_stdout=sys.stdout.isatty(),  # prints above the bar; a redirected stdout keeps them
             )
             self._bar.start()
             self._task = self._bar.add_task("train", total=total, completed=max(start - 1, 0), info="")

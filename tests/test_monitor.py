@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 
@@ -11,13 +12,13 @@ from rlcpm.config import load_recipe
 from rlcpm.monitor import Monitor
 
 
-def _recipe(tmp_path, mode="offline"):
+def _recipe(tmp_path, mode="offline", progress=False):
     return load_recipe(
         data={
             "model": {"tiny": {}},
             "data": {"train": {"task": "arithmetic"}},
             "rewards": [{"name": "math"}],
-            "logging": {"wandb": {"mode": mode, "project": "rlcpm-test"}, "progress": False},
+            "logging": {"wandb": {"mode": mode, "project": "rlcpm-test"}, "progress": progress},
             "run_dir": str(tmp_path / "run"),
         }
     )
@@ -111,3 +112,23 @@ def test_resume_drops_sample_rows_of_steps_to_be_redone(tmp_path):
     with Monitor(recipe, recipe.run_dir) as mon:
         mon.log_samples(1, [{"response": "new run"}])
     assert [r["response"] for r in _rows(path)] == ["new run"]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_is_drawn_on_stderr_the_terminal_it_checked(tmp_path, monkeypatch, capsys):
+    """With stderr a terminal and stdout redirected (`rlcpm train r.yaml > out.log`), the bar and
+    its metrics show on stderr: it was drawn on stdout, so the terminal showed no progress at all
+    and the log file got the bar's last frame."""
+    recipe = _recipe(tmp_path, mode="disabled", progress=True)
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    with Monitor(recipe, recipe.run_dir, total_steps=2) as mon:
+        mon.log(1, {"train/loss": 1.25})
+        print("a print stays on stdout")
+        mon.log(2, {"train/loss": 0.75})
+    assert capsys.readouterr().out == "a print stays on stdout\n"
+    assert "2/2" in terminal.getvalue() and "loss 0.75" in terminal.getvalue()
