@@ -9,6 +9,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -36,11 +37,24 @@ def setup_logging(level: str = "INFO") -> None:
     logger = logging.getLogger("rlcpm")
     logger.setLevel(level)
     if not any(getattr(h, "_rlcpm", False) for h in logger.handlers):
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         handler._rlcpm = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
         logger.propagate = False
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to `sys.stderr` as it is at each line, not at setup: while the progress bar is live,
+    that is its redirect, which prints the line above the bar."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 class Monitor:
@@ -207,8 +221,6 @@ class _Progress:
     """A rich progress bar with the headline metrics, or plain log lines when not a terminal."""
 
     def __init__(self, total: int, start: int):
-        import sys
-
         self._bar = None
         self._task = None
         if sys.stderr.isatty():

@@ -132,3 +132,24 @@ def test_progress_bar_is_drawn_on_stderr_the_terminal_it_checked(tmp_path, monke
         mon.log(2, {"train/loss": 0.75})
     assert capsys.readouterr().out == "a print stays on stdout\n"
     assert "2/2" in terminal.getvalue() and "loss 0.75" in terminal.getvalue()
+
+
+def test_log_lines_print_above_the_progress_bar(tmp_path, monkeypatch):
+    """rlcpm's log lines go through the live bar's redirect of stderr, so each prints on a line
+    of its own above the bar: the handler kept the stderr of setup time, so a warning was glued
+    to the end of the bar's line and the bar redrawn after it."""
+    import logging
+    import re
+
+    from rlcpm.monitor import setup_logging
+
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    setup_logging()
+    recipe = _recipe(tmp_path, mode="disabled", progress=True)
+    with Monitor(recipe, recipe.run_dir, total_steps=2) as mon:
+        mon.log(1, {"train/loss": 1.25})
+        logging.getLogger("rlcpm.test").warning("hello")
+        mon.log(2, {"train/loss": 0.75})
+    out = terminal.getvalue()
+    assert re.search(r"\x1b\[2K\d\d:\d\d:\d\d WARNING rlcpm.test: hello", out), out
