@@ -146,9 +146,21 @@ class Monitor:
         self.close()
 
 
+_WANDB_ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline", "disabled": "disabled"}
+
+
+def wandb_mode(cfg) -> str:
+    """logging.wandb.mode when the recipe sets it, else $WANDB_MODE (wandb's own switch), else offline."""
+    env = os.environ.get("WANDB_MODE", "").strip().lower()
+    if "mode" in cfg.model_fields_set or env not in _WANDB_ENV_MODES:
+        return cfg.mode
+    return _WANDB_ENV_MODES[env]
+
+
 def _start_wandb(recipe: Recipe, run_dir: Path, run_id: str | None):
     cfg = recipe.logging.wandb
-    if cfg.mode == "disabled":
+    mode = wandb_mode(cfg)
+    if mode == "disabled":
         return None
     import wandb
 
@@ -159,7 +171,7 @@ def _start_wandb(recipe: Recipe, run_dir: Path, run_id: str | None):
             entity=cfg.entity,
             name=cfg.name or run_dir.name,
             tags=cfg.tags or None,
-            mode=cfg.mode,
+            mode=mode,
             dir=str(run_dir),
             config=recipe.model_dump(mode="json"),
             id=run_id,
@@ -168,7 +180,7 @@ def _start_wandb(recipe: Recipe, run_dir: Path, run_id: str | None):
         )
     except wandb.errors.UsageError as err:  # no API key for mode online, most often
         raise RlcpmError(
-            f"wandb ({cfg.mode}): {err} Set WANDB_API_KEY or run `wandb login`, or set "
+            f"wandb ({mode}): {err} Set WANDB_API_KEY or run `wandb login`, or set "
             "logging.wandb.mode to offline (upload later with `wandb sync`) or disabled"
         ) from err
 

@@ -153,3 +153,25 @@ def test_log_lines_print_above_the_progress_bar(tmp_path, monkeypatch):
         mon.log(2, {"train/loss": 0.75})
     out = terminal.getvalue()
     assert re.search(r"\x1b\[2K\d\d:\d\d:\d\d WARNING rlcpm.test: hello", out), out
+
+
+def test_wandb_mode_follows_wandb_mode_env_unless_the_recipe_sets_it(tmp_path, monkeypatch):
+    """WANDB_MODE=disabled (wandb's own switch) was ignored: the recipe's default, offline, won."""
+    from rlcpm.monitor import wandb_mode
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    sections = {
+        "model": {"tiny": {}},
+        "data": {"train": {"task": "arithmetic"}},
+        "rewards": [{"name": "math"}],
+    }
+    unset = load_recipe(data=sections)
+    assert wandb_mode(unset.logging.wandb) == "disabled"
+    with Monitor(unset, tmp_path / "run") as mon:
+        assert mon.wandb_run_id is None
+    assert not (tmp_path / "run" / "wandb").exists()
+    assert wandb_mode(_recipe(tmp_path, mode="offline").logging.wandb) == "offline"  # the recipe wins
+    monkeypatch.setenv("WANDB_MODE", "dryrun")
+    assert wandb_mode(unset.logging.wandb) == "offline"
+    monkeypatch.delenv("WANDB_MODE")
+    assert wandb_mode(unset.logging.wandb) == "offline"  # the default
