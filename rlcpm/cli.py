@@ -99,27 +99,32 @@ def _validate(args) -> int:
     synthetic task option the generator does not take.
     Paths missing on this machine are notes only: a recipe may be meant for another one."""
     from rlcpm.config import load_recipe
+    from rlcpm.rewards import resolve_terms
     from rlcpm.trainer.preflight import (
         check_data_paths,
         check_model_source,
-        check_rewards,
         check_sparse_attention,
         check_synthetic_data,
     )
 
     recipe = load_recipe(args.recipe, args.overrides)
-    try:
-        check_rewards(recipe)
-    except RlcpmError as err:
-        raise RecipeError([f"rewards: {err}"], source=args.recipe) from err
+    problems = []  # every problem at once, as the schema's are
+    for i, spec in enumerate(recipe.rewards):
+        try:
+            resolve_terms([spec])
+        except RlcpmError as err:
+            problems.append(f"rewards[{i}]: {err}")
     try:
         check_sparse_attention(recipe)
     except RecipeError as err:
-        raise RecipeError(err.problems, source=args.recipe) from err
-    try:
-        check_synthetic_data(recipe)
-    except RlcpmError as err:
-        raise RecipeError([str(err)], source=args.recipe) from err
+        problems += err.problems
+    for split in ("train", "eval"):
+        try:
+            check_synthetic_data(recipe, (split,))
+        except RlcpmError as err:
+            problems.append(str(err))
+    if problems:
+        raise RecipeError(problems, source=args.recipe)
     print(recipe.to_yaml(), end="")
     for check in (check_model_source, check_data_paths):
         try:

@@ -112,6 +112,18 @@ def test_validate_fails_on_a_synthetic_task_option_the_generator_does_not_take(c
     assert "data.train: synthetic option 'num_steps' must satisfy 1 <= low <= high" in capsys.readouterr().err
 
 
+def test_validate_reports_every_reward_and_data_problem_at_once(capsys):
+    quickstart = str(ROOT / "recipes" / "quickstart.yaml")
+    rewards = "rewards=[{name: mathh}, {name: math}, {name: formatt}]"
+    bad_options = ["data.train.options={digitz: 2}", "data.eval.options={digitz: 2}"]
+    assert main(["validate", quickstart, rewards, *bad_options]) == 2
+    err = capsys.readouterr().err
+    assert "4 problem(s)" in err
+    assert "rewards[0]: unknown reward name 'mathh'" in err
+    assert "rewards[2]: unknown reward name 'formatt'" in err
+    assert "data.train: synthetic task" in err and "data.eval: synthetic task" in err
+
+
 def test_a_reward_module_in_the_working_directory_imports_as_under_python_m(monkeypatch, tmp_path, capsys):
     """The `rlcpm` console script's sys.path lacks the working directory; `fn: my_module:f` for a
     file beside the user failed with ModuleNotFoundError there (it worked under `python -m`)."""

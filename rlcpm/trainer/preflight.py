@@ -108,13 +108,13 @@ def check_sparse_attention(recipe: Recipe) -> None:
         raise RecipeError([f"model.sparse_attention: {err}"]) from err
 
 
-def check_synthetic_data(recipe: Recipe) -> None:
+def check_synthetic_data(recipe: Recipe, splits: tuple[str, ...] = ("train", "eval")) -> None:
     """A synthetic data.train / data.eval task takes its `options` (one row is generated: unknown
     option names and bad values raise DataError naming the split)."""
     from rlcpm.config import SyntheticData
     from rlcpm.data.synthetic import generate
 
-    for split in ("train", "eval"):
+    for split in splits:
         source = getattr(recipe.data, split)
         if isinstance(source, SyntheticData):
             try:
