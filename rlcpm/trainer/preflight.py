@@ -67,18 +67,24 @@ def check_run_dir(run_dir: Path, resume: bool, total_steps: int | None) -> None:
 
 
 def check_model_source(recipe: Recipe) -> None:
-    """model.path holds a config.json; the tokenizer directory exists."""
+    """model.path and a speculative draft hold a config.json; the tokenizer directory and the
+    FR-Spec vocabulary file exist."""
     from rlcpm.models.checkpoint import read_config
 
-    model = recipe.model
-    if model.path is not None:
-        try:
-            read_config(Path(model.path).expanduser())
-        except CheckpointError as err:  # directory not found / no config.json / bad JSON
-            raise CheckpointError(f"model.path: {err}") from err
+    model, speculative = recipe.model, recipe.rollout.speculative
+    drafts = [("model.path", model.path), ("rollout.speculative.draft", speculative and speculative.draft)]
+    for key, path in drafts:
+        if path is not None:
+            try:
+                read_config(Path(path).expanduser())
+            except CheckpointError as err:  # directory not found / no config.json / bad JSON
+                raise CheckpointError(f"{key}: {err}") from err
     tokenizer = model.tokenizer or model.path
     if tokenizer is not None and not Path(tokenizer).expanduser().is_dir():
         raise DataError(f"model.tokenizer: directory not found: {tokenizer}")
+    vocab = speculative and speculative.frspec_vocab
+    if vocab is not None and not Path(vocab).expanduser().is_file():
+        raise DataError(f"rollout.speculative.frspec_vocab: file not found: {vocab}")
 
 
 def check_sparse_attention(recipe: Recipe) -> None:

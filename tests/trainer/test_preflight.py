@@ -11,6 +11,7 @@ from rlcpm.config import load_recipe
 from rlcpm.errors import CheckpointError, DataError, RecipeError, RewardError, TrainingError
 from rlcpm.learner.checkpoint import STATE_FILE, checkpoint_path
 from rlcpm.learner.model_source import TINY_MODEL_DIR, resolve_model_dir
+from rlcpm.models import build_tiny_model_dir
 from rlcpm.trainer import train
 from rlcpm.trainer.preflight import check_run
 
@@ -71,6 +72,16 @@ def test_missing_model_tokenizer_data_and_rewards_are_named(tmp_path):
         check_run(recipe(tmp_path, **{"data.train.options": {"digitz": 2}}), False)
     with pytest.raises(RewardError, match="did you mean 'math'"):
         check_run(recipe(tmp_path, rewards=[{"name": "mathh"}]), False)
+
+
+def test_a_missing_speculative_draft_or_frspec_vocab_is_named_before_ray(tmp_path):
+    """Not a traceback from every rollout worker half a minute in."""
+    with pytest.raises(CheckpointError, match="rollout.speculative.draft: model directory not found: /nope"):
+        check_run(recipe(tmp_path, **{"rollout.speculative": {"draft": "/nope"}}), False)
+    draft = build_tiny_model_dir(tmp_path / "draft", hidden_size=16, num_hidden_layers=1)
+    missing_vocab = {"draft": str(draft), "frspec_vocab": "/nope.json"}
+    with pytest.raises(DataError, match="rollout.speculative.frspec_vocab: file not found: /nope.json"):
+        check_run(recipe(tmp_path, **{"rollout.speculative": missing_vocab}), False)
 
 
 def test_model_path_and_tiny_together_and_a_negative_eval_temperature_are_recipe_errors(tmp_path):
