@@ -89,8 +89,11 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML file")
-    p.add_argument(
-        "overrides", nargs="*", help="dotted overrides, e.g. learner.lr=1e-5 rollout.chunk_tokens=512"
+    p.add_argument(  # default=[]: without one, argparse names a "*" positional as required
+        "overrides",
+        nargs="*",
+        default=[],
+        help="dotted overrides, e.g. learner.lr=1e-5 rollout.chunk_tokens=512",
     )
 
 

@@ -50,6 +50,13 @@ def test_validate_applies_overrides(capsys):
     assert "lr: 0.125" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command", ["validate", "train", "sft"])
+def test_a_missing_recipe_is_the_only_required_argument_named(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command])
+    assert "the following arguments are required: recipe\n" in capsys.readouterr().err  # not "recipe, overrides"
+
+
 def test_console_script_version():
     out = subprocess.run(
         [sys.executable, "-m", "rlcpm.cli", "--version"], capture_output=True, text=True, check=True
