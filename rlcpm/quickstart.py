@@ -34,9 +34,10 @@ def run_quickstart(
     # A sub-million-parameter model: a second intra-op thread costs more than it gives, and
     # leaves no core to the Ray actors on a 2-core machine.
     torch.set_num_threads(1)
-    path = Path(recipe_path) if recipe_path else QUICKSTART_RECIPE
+    path = Path(recipe_path or QUICKSTART_RECIPE)
     if not path.is_file():
-        raise RlcpmError(f"{path} not found: run from the repository root, or pass --recipe PATH")
+        hint = "" if recipe_path else ": run from the repository root, or pass --recipe PATH"
+        raise RlcpmError(f"recipe not found: {path}{hint}")
     recipe = load_recipe(path, [f"run_dir={run_dir}", *overrides])
     replace_previous_run(Path(recipe.run_dir))
     start = time.perf_counter()

@@ -54,7 +54,16 @@ def test_validate_applies_overrides(capsys):
 def test_a_missing_recipe_is_the_only_required_argument_named(command, capsys):
     with pytest.raises(SystemExit):
         main([command])
-    assert "the following arguments are required: recipe\n" in capsys.readouterr().err  # not "recipe, overrides"
+    # not "recipe, overrides"
+    assert "the following arguments are required: recipe\n" in capsys.readouterr().err
+
+
+def test_quickstart_says_to_pass_a_recipe_only_when_its_own_is_missing(monkeypatch, tmp_path, capsys):
+    assert main(["quickstart", "--recipe", str(tmp_path / "mine.yaml")]) == 1
+    assert capsys.readouterr().err == f"error: recipe not found: {tmp_path / 'mine.yaml'}\n"
+    monkeypatch.chdir(tmp_path)  # the default recipe is relative to the repository root
+    assert main(["quickstart"]) == 1
+    assert "not found: recipes/quickstart.yaml: run from the repository root" in capsys.readouterr().err
 
 
 def test_console_script_version():
