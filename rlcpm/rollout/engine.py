@@ -324,7 +324,10 @@ class Engine:
     # ---------------------------------------------------------------------------------- step
 
     def step(self) -> list[Sequence]:
-        """One forward for the scheduled batch; returns the sequences that finished or paused."""
+        """One forward for the scheduled batch; returns the sequences that finished or paused
+        (none, without a forward, once no request is waiting or running)."""
+        if not self.scheduler.has_unfinished:
+            return []
         start = time.perf_counter()
         self.weights.check_consistent()
         try:

@@ -71,6 +71,16 @@ def test_malformed_calls_raise(make_engine):
     assert not engine.scheduler.has_unfinished
 
 
+def test_a_step_by_hand_with_nothing_left_to_run_returns_no_sequences(make_engine):
+    """add_request + step() (docs/engine.md): stepping once more after the last request finished
+    is not an error (it said the KV cache was too small for a waiting request)."""
+    engine = make_engine("llama")
+    engine.add_request(Request("r", [1, 2], SamplingParams(max_new_tokens=2, seed=0, ignore_eos=True)))
+    finished = [seq for _ in range(4) for seq in engine.step()]
+    assert [seq.request_id for seq in finished] == ["r"]
+    assert engine.step() == []
+
+
 def test_stop_strings_end_the_request_after_the_completing_token(make_engine, prompts):
     engine = make_engine("llama", max_num_seqs=4)
     tokenizer = engine.tokenizer
