@@ -58,7 +58,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_sft)
 
     p = sub.add_parser("quickstart", help="build a tiny model, then RL-train it on arithmetic (CPU, minutes)")
-    p.add_argument("--run-dir", default="runs/quickstart")
+    p.add_argument("--run-dir", default=None, help="default: the recipe's run_dir (runs/quickstart)")
     p.add_argument(
         "--recipe", default=None, help="default: recipes/quickstart.yaml (run from the repository root)"
     )

@@ -25,8 +25,10 @@ STARTING_MODEL_RECIPE = Path("recipes/quickstart_sft.yaml")
 
 
 def run_quickstart(
-    run_dir: str = "runs/quickstart", recipe_path: str | None = None, overrides: Sequence[str] = ()
+    run_dir: str | None = None, recipe_path: str | None = None, overrides: Sequence[str] = ()
 ) -> dict:
+    """Build the starting model if absent, then train the recipe (default: recipes/quickstart.yaml)
+    in `run_dir`, else in the recipe's own run_dir; an earlier run there is replaced."""
     from rlcpm.monitor import setup_logging
     from rlcpm.trainer import train
 
@@ -38,7 +40,7 @@ def run_quickstart(
     if not path.is_file():
         hint = "" if recipe_path else ": run from the repository root, or pass --recipe PATH"
         raise RlcpmError(f"recipe not found: {path}{hint}")
-    recipe = load_recipe(path, [f"run_dir={run_dir}", *overrides])
+    recipe = load_recipe(path, [*([f"run_dir={run_dir}"] if run_dir else []), *overrides])
     replace_previous_run(Path(recipe.run_dir))
     start = time.perf_counter()
     if recipe.model.path and not (Path(recipe.model.path) / CONFIG_NAME).is_file():

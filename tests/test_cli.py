@@ -66,6 +66,28 @@ def test_quickstart_says_to_pass_a_recipe_only_when_its_own_is_missing(monkeypat
     assert "not found: recipes/quickstart.yaml: run from the repository root" in capsys.readouterr().err
 
 
+def test_quickstart_runs_in_its_recipes_run_dir_unless_given_one(monkeypatch, tmp_path):
+    """`rlcpm quickstart --recipe recipes/bitcpm_qat.yaml` (README) writes runs/bitcpm_qat: it used
+    to write, and so replace, runs/quickstart."""
+    from rlcpm import trainer
+    from rlcpm.trainer import TrainResult
+
+    run_dirs = []
+
+    def fake_train(recipe):
+        run_dirs.append(recipe.run_dir)
+        return TrainResult(tmp_path)
+
+    monkeypatch.setattr(trainer, "train", fake_train)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")  # the starting model is built already
+    qat = str(ROOT / "recipes" / "bitcpm_qat.yaml")
+    assert main(["quickstart", "--recipe", qat, "model.path=model"]) == 0
+    assert main(["quickstart", "--recipe", qat, "--run-dir", "runs/mine", "model.path=model"]) == 0
+    assert run_dirs == ["runs/bitcpm_qat", "runs/mine"]
+
+
 def test_console_script_version():
     out = subprocess.run(
         [sys.executable, "-m", "rlcpm.cli", "--version"], capture_output=True, text=True, check=True
