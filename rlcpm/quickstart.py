@@ -22,6 +22,7 @@ log = logging.getLogger("rlcpm")
 
 QUICKSTART_RECIPE = Path("recipes/quickstart.yaml")
 STARTING_MODEL_RECIPE = Path("recipes/quickstart_sft.yaml")
+QUICKSTART_MARKER = ".rlcpm-quickstart"  # in a run directory the quickstart made (and may replace)
 
 
 def run_quickstart(
@@ -56,11 +57,21 @@ def run_quickstart(
 
 
 def replace_previous_run(run_dir: Path) -> None:
-    """The quickstart always starts fresh: an earlier rlcpm run in run_dir (it has the
-    recipe.yaml every run writes) is deleted first. Any other non-empty directory is left alone."""
+    """The quickstart always starts fresh: its own earlier run in run_dir (marked by QUICKSTART_MARKER)
+    is deleted first. Another rlcpm run there (it has the recipe.yaml every run writes) is refused,
+    never deleted; any other directory is left alone. The new run is marked as the quickstart's."""
     if (run_dir / "recipe.yaml").is_file():
-        log.info("replacing the earlier run in %s", run_dir)
+        if not (run_dir / QUICKSTART_MARKER).is_file():
+            raise RlcpmError(
+                f"{run_dir} holds an rlcpm run that the quickstart did not start, and the quickstart "
+                "replaces only its own runs: pass --run-dir with another directory, or delete it"
+            )
+        log.info("replacing the earlier quickstart run in %s", run_dir)
         shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / QUICKSTART_MARKER).write_text(
+        "written by rlcpm quickstart, which replaces this run when run again\n"
+    )
 
 
 def build_starting_model(target: Path, sft_recipe: Path) -> Path:

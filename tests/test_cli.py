@@ -123,14 +123,19 @@ def test_validate_fails_on_an_unknown_reward_and_notes_paths_missing_here(capsys
     assert main(["validate", quickstart, "rewards=[{name: mathh}]"]) == 2
     assert "did you mean 'math'" in capsys.readouterr().err
     assert main(["validate", quickstart, "data.train=/nowhere/train.jsonl"]) == 0
-    assert "note: on this machine, data.train: dataset path not found: /nowhere/train.jsonl" in capsys.readouterr().err
+    assert (
+        "note: on this machine, data.train: dataset path not found: /nowhere/train.jsonl"
+        in capsys.readouterr().err
+    )
 
 
 def test_validate_fails_on_sparse_settings_the_engine_cannot_page(capsys):
     quickstart = str(ROOT / "recipes" / "quickstart.yaml")
     stride_3 = "model.sparse_attention={kernel_size: 6, kernel_stride: 3, block_size: 12, window_size: 24}"
     assert main(["validate", quickstart, "model.attention=sparse", stride_3]) == 2
-    assert "model.sparse_attention: sparse attention: the engine's KV block_size (16)" in capsys.readouterr().err
+    assert (
+        "model.sparse_attention: sparse attention: the engine's KV block_size (16)" in capsys.readouterr().err
+    )
 
 
 def test_a_run_reports_its_held_out_accuracy_before_and_after():
@@ -173,3 +178,21 @@ def test_a_reward_module_in_the_working_directory_imports_as_under_python_m(monk
     monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", os.getcwd())])
     quickstart = str(ROOT / "recipes/quickstart.yaml")
     assert main(["validate", quickstart, "rewards=[{fn: 'cwd_reward_module:score'}]"]) == 0
+
+
+def test_quickstart_replaces_only_its_own_runs(tmp_path):
+    """`rlcpm quickstart --run-dir DIR` deleted any rlcpm run in DIR, a real training run included."""
+    from rlcpm.errors import RlcpmError
+    from rlcpm.quickstart import QUICKSTART_MARKER, replace_previous_run
+
+    own, other = tmp_path / "own", tmp_path / "other"
+    replace_previous_run(own)
+    (own / "recipe.yaml").write_text("run_dir: own\n")
+    (own / "metrics.jsonl").write_text("{}\n")
+    replace_previous_run(own)  # its own earlier run: replaced
+    assert sorted(p.name for p in own.iterdir()) == [QUICKSTART_MARKER]
+    other.mkdir()
+    (other / "recipe.yaml").write_text("run_dir: other\n")
+    with pytest.raises(RlcpmError, match="did not start"):
+        replace_previous_run(other)
+    assert (other / "recipe.yaml").is_file()
