@@ -210,16 +210,23 @@ def _content_text(message: dict, column: str) -> str:
 def _as_completion(value: Any, column: str) -> tuple[list[dict], str | None]:
     """A chosen/rejected completion: plain text, or a conversation whose last turn is the assistant's
     (also as JSON text, as CSV and Parquet string columns store one)."""
-    if isinstance(value, str) and value.lstrip().startswith("[{"):
-        try:
-            decoded = json.loads(value)
-        except json.JSONDecodeError:
-            decoded = None
-        if isinstance(decoded, list) and all(isinstance(m, dict) and "role" in m for m in decoded):
-            value = decoded
+    value = decode_conversation(value)
     if value is None or isinstance(value, str):
         return [], value
     messages = _as_messages(value, column)
     if messages[-1]["role"] != "assistant":
         raise RowError(f"column {column!r}: a conversational completion must end with an assistant turn")
     return messages[:-1], _content_text(messages[-1], column)
+
+
+def decode_conversation(value: Any) -> Any:
+    """A conversation stored as JSON text (CSV and Parquet string columns) as its list of
+    {role, ...} messages; any other value, JSON or not, is returned unchanged."""
+    if isinstance(value, str) and value.lstrip().startswith("[{"):
+        try:
+            decoded = json.loads(value)
+        except json.JSONDecodeError:
+            return value
+        if isinstance(decoded, list) and all(isinstance(m, dict) and "role" in m for m in decoded):
+            return decoded
+    return value

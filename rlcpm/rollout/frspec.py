@@ -171,8 +171,10 @@ def _count_batch(batch: list[str], tokenizer: Any, counts: Counter) -> None:
 
 def dataset_texts(dataset: str | Path, fields: Sequence[str] = DEFAULT_FIELDS) -> Iterator[str]:
     """The text of the given columns of every row: strings as they are, chat message lists by
-    their contents. DataError names the file if no row holds any of the columns."""
+    their contents (also as JSON text, as CSV and Parquet string columns hold them). DataError
+    names the file if no row holds any of the columns."""
     from rlcpm.data.readers import read_rows
+    from rlcpm.data.rows import decode_conversation
 
     found = False
     columns_seen: set[str] = set()
@@ -183,7 +185,7 @@ def dataset_texts(dataset: str | Path, fields: Sequence[str] = DEFAULT_FIELDS) -
             raise DataError(f"{row.source} {row.location}: expected an object with named columns")
         columns_seen.update(row.data)
         for name in fields:
-            value = row.data.get(name)
+            value = decode_conversation(row.data.get(name))
             if isinstance(value, str):
                 found = True
                 yield value

@@ -69,6 +69,22 @@ def test_chat_message_fields_are_counted(tokenizer, corpus, tmp_path):
     assert dict(zip(ranking.token_ids, ranking.counts)) == dict(counts)
 
 
+def test_conversations_stored_as_json_text_are_counted_by_their_contents(tokenizer, tmp_path):
+    """A CSV / Parquet string cell holding a conversation counts its messages' text, as the data
+    loader reads it, not the JSON syntax around it."""
+    import csv
+
+    turns = [{"role": "user", "content": "Say hello"}, {"role": "assistant", "content": "hello there"}]
+    path = tmp_path / "chat.csv"
+    with open(path, "w", newline="") as handle:
+        csv.writer(handle).writerows([["messages"], [json.dumps(turns)]])
+    ranking = build_frequency_file(
+        path, tokenizer, top_k=1000, output=tmp_path / "v.json", fields=["messages"]
+    )
+    counts = _hand_count(tokenizer, ["Say hello", "hello there"])
+    assert dict(zip(ranking.token_ids, ranking.counts)) == dict(counts)
+
+
 def test_a_ranking_for_another_tokenizer_is_refused(tiny_dirs, tokenizer, corpus, tmp_path):
     from rlcpm.models.tiny import build_tokenizer
 
