@@ -11,7 +11,8 @@ Columns are found through the recipe's `data.fields` map. What a row must hold:
 When `messages` ends with an assistant turn, that turn is split off: the turns before it are
 the prompt and its content is the response (unless a `response` column is given). `messages`
 wins over `prompt` when a row has both. `tests`, `tools` and `expected_calls` may be JSON
-strings (CSV cells, Parquet string columns): they are decoded.
+strings (CSV cells, Parquet string columns): they are decoded, and so are conversations
+stored as JSON text in `prompt`, `chosen` and `rejected`.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def parse_row(data: Any, fields: FieldMap, algorithm: Algorithm = "grpo") -> Par
         return _present(data.get(columns[name]))
 
     row.id = _as_id(get("id"), columns["id"])
-    prompt = get("prompt")
+    prompt = decode_conversation(get("prompt"))
     prompt_turns = None
     if isinstance(prompt, list):  # TRL's conversational format: the prompt column holds the turns
         prompt_turns, prompt = prompt, None

@@ -251,6 +251,20 @@ def test_trl_conversational_preferences_with_an_explicit_prompt(write_jsonl_line
     assert (pair.prompt, pair.chosen, pair.rejected) == ("Q", "good", "bad")
 
 
+def test_a_conversational_prompt_stored_as_json_text_is_the_prompt_conversation(tmp_path):
+    """TRL's conversational format written to CSV: the prompt cell is JSON text like chosen/rejected."""
+    path = tmp_path / "pairs.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["prompt", "chosen", "rejected"])
+        writer.writerow(
+            [json.dumps([{"role": "user", "content": "Q"}])]
+            + [json.dumps([{"role": "assistant", "content": text}]) for text in ("good", "bad")]
+        )
+    pair = load_examples(config(path), algorithm="dpo").examples[0]
+    assert (pair.prompt, pair.chosen, pair.rejected) == ("Q", "good", "bad")
+
+
 def test_a_csv_record_over_several_lines_is_located_where_it_starts(tmp_path):
     path = tmp_path / "multi.csv"
     path.write_text('prompt,answer\n,"multi\nline\nanswer"\nok,1\n')
