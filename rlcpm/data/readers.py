@@ -210,7 +210,7 @@ def _read_parquet(path: Path) -> Iterator[_Located]:
     except Exception as err:  # pyarrow raises several types for a corrupt or foreign file
         raise DataError(f"{path}: cannot read as Parquet ({err})") from err
     for index, data in enumerate(table.to_pylist(), start=1):
-        yield f"row {index}", index, data, None
+        yield f"row {index}", index, _arrow_row(data), None
 
 
 def _read_arrow_file(path: Path) -> Iterator[_Located]:
@@ -221,7 +221,7 @@ def _read_arrow_file(path: Path) -> Iterator[_Located]:
     except Exception as err:
         raise DataError(f"{path}: cannot read as an Arrow dataset file ({err})") from err
     for index, data in enumerate(dataset, start=1):
-        yield f"row {index}", index, data, None
+        yield f"row {index}", index, _arrow_row(data), None
 
 
 def _read_saved_dataset(path: Path, split: str) -> Iterator[_Located]:
@@ -238,7 +238,22 @@ def _read_saved_dataset(path: Path, split: str) -> Iterator[_Located]:
     else:
         dataset, where = loaded, ""
     for index, data in enumerate(dataset, start=1):
-        yield f"row {index}{where}", index, data, None
+        yield f"row {index}{where}", index, _arrow_row(data), None
+
+
+def _arrow_row(data: dict) -> dict:
+    """A row of an Arrow table (Parquet, `datasets`) without the nulls Arrow adds to nested
+    objects: a struct column holds the union of its rows' keys, so a tool schema or a call's
+    arguments would otherwise carry every other row's keys as nulls."""
+    return {column: _drop_null_keys(value) for column, value in data.items()}
+
+
+def _drop_null_keys(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _drop_null_keys(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [_drop_null_keys(item) for item in value]
+    return value
 
 
 def choose_split(available: list[str], split: str, where: str) -> str:

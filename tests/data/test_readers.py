@@ -74,6 +74,21 @@ def test_parquet(tmp_path):
     assert _data(path) == ROWS
 
 
+def test_nested_objects_from_arrow_lose_the_null_keys_of_other_rows(tmp_path):
+    """Arrow gives a struct column the union of its rows' keys; a tool schema or a call's
+    arguments must read back without every other row's keys as nulls."""
+    from datasets import Dataset
+
+    rows = [
+        {"prompt": "Weather?", "expected_calls": [{"name": "weather", "arguments": {"city": "Paris"}}]},
+        {"prompt": "Timer?", "expected_calls": [{"name": "timer", "arguments": {"minutes": 5}}]},
+    ]
+    Dataset.from_list(rows).to_parquet(str(tmp_path / "calls.parquet"))
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    assert _data(tmp_path / "calls.parquet") == rows
+    assert _data(tmp_path / "saved") == rows
+
+
 def test_csv_rows_line_numbers_and_extra_cells(tmp_path):
     path = tmp_path / "train.csv"
     with open(path, "w", newline="") as handle:
