@@ -33,6 +33,7 @@ SUFFIX_FORMATS = {
 }
 SAVED_DATASET_MARKERS = ("dataset_dict.json", "state.json")
 EVAL_SPLIT_NAMES = ("eval", "validation", "valid", "test", "dev")
+MAX_CSV_CELL_CHARS = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -185,6 +186,8 @@ def _is_one_json_lines_row(loaded: Any, text: str) -> bool:
 
 
 def _read_csv(path: Path) -> Iterator[_Located]:
+    # The csv module refuses cells over 128 KiB; a long prompt is data.max_prompt_tokens' call.
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_CSV_CELL_CHARS))
     with _open_text(path) as handle:
         reader = csv.DictReader(handle)
         if reader.fieldnames is None:

@@ -103,6 +103,14 @@ def test_csv_rows_line_numbers_and_extra_cells(tmp_path):
     assert rows[3].data is None and "1 more cell(s) than the header's 3" in rows[3].parse_error
 
 
+def test_a_csv_cell_over_the_csv_modules_default_limit_reads_back(tmp_path):
+    path = tmp_path / "long.csv"
+    long_prompt = "word " * 40_000  # 200,000 characters; the csv module refuses > 131,072 by default
+    with open(path, "w", newline="") as handle:
+        csv.writer(handle).writerows([["prompt", "answer"], [long_prompt, "1"]])
+    assert _data(path) == [{"prompt": long_prompt, "answer": "1"}]
+
+
 def test_saved_dataset_and_dataset_dict_split_choice(tmp_path):
     from datasets import Dataset, DatasetDict
 
