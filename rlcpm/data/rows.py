@@ -17,6 +17,7 @@ stored as JSON text in `prompt`, `chosen` and `rejected`.
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 from dataclasses import dataclass, field
@@ -157,6 +158,11 @@ def _decode_json_field(value: Any, name: str, column: str) -> Any:
         try:
             decoded = json.loads(value)
         except json.JSONDecodeError as err:
+            if name == "tests" and _is_python_literal(value):
+                raise RowError(
+                    f"column {column!r} holds a Python literal, neither JSON nor test code (as pandas' and "
+                    "datasets' to_csv write a list column): run as code it would test nothing; save it as JSON"
+                ) from err
             if name == "tests":
                 return value
             raise RowError(f"column {column!r} is a string but not valid JSON ({err.msg})") from err
@@ -178,6 +184,14 @@ def _decode_json_field(value: Any, name: str, column: str) -> Any:
             if not isinstance(call.get("name"), str):
                 raise RowError(f"column {column!r}: call [{index}] has no string 'name'")
     return value
+
+
+def _is_python_literal(text: str) -> bool:
+    """True for the repr of a Python list, tuple or dict (or a numpy array's, which lacks commas)."""
+    try:
+        return isinstance(ast.literal_eval(text.strip()), (list, tuple, dict))
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return False
 
 
 def _as_messages(value: Any, column: str) -> list[dict]:

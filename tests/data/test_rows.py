@@ -108,6 +108,21 @@ def test_invalid_rows_say_what_is_wrong(data, algorithm, message):
         parse_row(data, DEFAULT, algorithm)
 
 
+@pytest.mark.parametrize(
+    "tests",
+    [
+        "['assert f(1) == 2', 'assert f(2) == 3']",  # pandas' to_csv of a list column
+        "['assert f(1) == 2'\n 'assert f(2) == 3']",  # datasets' to_csv (a numpy array's repr)
+    ],
+)
+def test_tests_written_as_a_python_literal_are_refused_not_run_as_test_code(tests):
+    """As test source such a cell is one expression statement: it checks nothing, every response passes."""
+    with pytest.raises(RowError, match="column 'tests' holds a Python literal"):
+        parse_row({"prompt": "p", "tests": tests}, DEFAULT)
+    source = "[x] = [2]\nassert f(1) == x"  # test code that starts with a bracket stays code
+    assert parse_row({"prompt": "p", "tests": source}, DEFAULT).fields["tests"] == source
+
+
 def test_custom_column_names_appear_in_messages():
     with pytest.raises(RowError, match="column 'question'"):
         parse_row({"text": "x"}, FieldMap(prompt="question"))
