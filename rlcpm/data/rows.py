@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -27,6 +28,7 @@ from rlcpm.config import FieldMap
 
 Algorithm = Literal["grpo", "dpo", "sft"]
 JSON_FIELDS = ("tests", "tools", "expected_calls")
+PYTHON_REPR_OF_OBJECTS = re.compile(r"\s*\[\{'\w+': ")  # "[{'role': 'user', ..." (JSON has double quotes)
 
 
 class RowError(ValueError):
@@ -60,7 +62,7 @@ def parse_row(data: Any, fields: FieldMap, algorithm: Algorithm = "grpo") -> Par
         return _present(data.get(columns[name]))
 
     row.id = _as_id(get("id"), columns["id"])
-    prompt = decode_conversation(get("prompt"))
+    prompt = _conversation_or_text(get("prompt"), columns["prompt"])
     prompt_turns = None
     if isinstance(prompt, list):  # TRL's conversational format: the prompt column holds the turns
         prompt_turns, prompt = prompt, None
@@ -159,9 +161,8 @@ def _decode_json_field(value: Any, name: str, column: str) -> Any:
             decoded = json.loads(value)
         except json.JSONDecodeError as err:
             if name == "tests" and _is_python_literal(value):
-                raise RowError(
-                    f"column {column!r} holds a Python literal, neither JSON nor test code (as pandas' and "
-                    "datasets' to_csv write a list column): run as code it would test nothing; save it as JSON"
+                raise _python_literal_error(
+                    column, "neither JSON nor test code: run, it would test nothing"
                 ) from err
             if name == "tests":
                 return value
@@ -192,6 +193,22 @@ def _is_python_literal(text: str) -> bool:
         return isinstance(ast.literal_eval(text.strip()), (list, tuple, dict))
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
         return False
+
+
+def _python_literal_error(column: str, what: str) -> RowError:
+    return RowError(
+        f"column {column!r} holds a Python literal, {what} (pandas' and datasets' to_csv write list "
+        "columns so); save the column as JSON text"
+    )
+
+
+def _conversation_or_text(value: Any, column: str) -> Any:
+    """`decode_conversation`, refusing a conversation written as a Python repr ("[{'role': ...}
+    {...}]", a numpy array's, does not even parse): used as text, the model would learn the repr."""
+    value = decode_conversation(value)
+    if isinstance(value, str) and PYTHON_REPR_OF_OBJECTS.match(value) and "'role': " in value:
+        raise _python_literal_error(column, "not JSON")
+    return value
 
 
 def _as_messages(value: Any, column: str) -> list[dict]:
@@ -225,7 +242,7 @@ def _content_text(message: dict, column: str) -> str:
 def _as_completion(value: Any, column: str) -> tuple[list[dict], str | None]:
     """A chosen/rejected completion: plain text, or a conversation whose last turn is the assistant's
     (also as JSON text, as CSV and Parquet string columns store one)."""
-    value = decode_conversation(value)
+    value = _conversation_or_text(value, column)
     if value is None or isinstance(value, str):
         return [], value
     messages = _as_messages(value, column)

@@ -123,6 +123,20 @@ def test_tests_written_as_a_python_literal_are_refused_not_run_as_test_code(test
     assert parse_row({"prompt": "p", "tests": source}, DEFAULT).fields["tests"] == source
 
 
+@pytest.mark.parametrize("column", ["prompt", "chosen", "rejected"])
+def test_a_conversation_written_as_a_python_literal_is_refused_not_used_as_text(column):
+    """datasets' to_csv of TRL's conversational format: the cells hold numpy reprs, not JSON."""
+    turns = {
+        "prompt": [{"role": "user", "content": "Q"}],
+        "chosen": [{"role": "assistant", "content": "good"}],
+        "rejected": [{"role": "assistant", "content": "bad"}],
+    }
+    row = {name: json.dumps(value) for name, value in turns.items()}
+    row[column] = "[" + "\n ".join(repr(turn) for turn in turns[column] * 2) + "]"
+    with pytest.raises(RowError, match=f"column '{column}' holds a Python literal"):
+        parse_row(row, DEFAULT, "dpo")
+
+
 def test_custom_column_names_appear_in_messages():
     with pytest.raises(RowError, match="column 'question'"):
         parse_row({"text": "x"}, FieldMap(prompt="question"))
