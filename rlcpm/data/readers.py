@@ -15,6 +15,7 @@ import csv
 import gzip
 import io
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ SUFFIX_FORMATS = {
 SAVED_DATASET_MARKERS = ("dataset_dict.json", "state.json")
 EVAL_SPLIT_NAMES = ("eval", "validation", "valid", "test", "dev")
 MAX_CSV_CELL_CHARS = 2**31 - 1
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")  # a JSON escape of a UTF-16 surrogate, paired or not
 
 
 @dataclass(frozen=True)
@@ -152,7 +154,8 @@ def _read_jsonl(path: Path) -> Iterator[_Located]:
             except json.JSONDecodeError as err:
                 yield location, line_number, None, f"not valid JSON ({err.msg})"
                 continue
-            yield location, line_number, data, None
+            problem = _surrogate_problem(data) if SURROGATE_ESCAPE.search(line) else None
+            yield location, line_number, None if problem else data, problem
 
 
 def _read_json(path: Path) -> Iterator[_Located]:
@@ -171,8 +174,20 @@ def _read_json(path: Path) -> Iterator[_Located]:
         loaded = [loaded]
     if not isinstance(loaded, list):
         raise DataError(f'{path}: a JSON dataset must be a list of objects or {{"data": [...]}}')
+    check_surrogates = SURROGATE_ESCAPE.search(text) is not None
     for index, data in enumerate(loaded, start=1):
-        yield f"row {index}", index, data, None
+        problem = _surrogate_problem(data) if check_surrogates else None
+        yield f"row {index}", index, None if problem else data, problem
+
+
+def _surrogate_problem(data: Any) -> str | None:
+    """What is wrong with a row whose JSON escapes leave half a surrogate pair (a cut emoji,
+    "\\ud83d"): valid JSON, but not text a tokenizer can take."""
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as err:
+        return f"not valid text: unpaired surrogate \\u{ord(err.object[err.start]):04x} (half of an escaped emoji?)"
+    return None
 
 
 def _is_one_json_lines_row(loaded: Any, text: str) -> bool:

@@ -40,6 +40,17 @@ def test_jsonl_gzip_and_bad_line_is_reported_not_raised(tmp_path):
     assert rows[1].number == 2 and "not valid JSON" in rows[1].parse_error
 
 
+@pytest.mark.parametrize("name", ["train.jsonl", "train.json"])
+def test_an_unpaired_surrogate_escape_is_a_bad_row_not_a_crash_later(tmp_path, name):
+    """Valid JSON (a cut emoji, "\\ud83d"), but no text: tokenizers raised a TypeError on it."""
+    path = tmp_path / name
+    lines = [json.dumps(ROWS[0]), '{"prompt": "cut \\ud83d emoji"}', '{"prompt": "whole \\ud83d\\ude00"}']
+    path.write_text("\n".join(lines) + "\n" if name.endswith("l") else "[" + ", ".join(lines) + "]")
+    rows = list(read_rows(path))
+    assert [r.data for r in rows] == [ROWS[0], None, {"prompt": "whole \U0001f600"}]
+    assert "unpaired surrogate \\ud83d" in rows[1].parse_error
+
+
 @pytest.mark.parametrize("wrap", [False, True], ids=["list", "data-key"])
 def test_json_list_or_data_key(tmp_path, wrap):
     path = tmp_path / "train.json"
