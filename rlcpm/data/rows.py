@@ -83,8 +83,8 @@ def parse_row(data: Any, fields: FieldMap, algorithm: Algorithm = "grpo") -> Par
         messages = _as_messages(messages, messages_column)
         if messages[-1]["role"] == "assistant":
             final = messages.pop()
-            if row.response is None:
-                row.response = _content_text(final, messages_column)
+            if row.response is None:  # none from a turn without text (a tool call): only SFT needs one
+                row.response = _turn_text(final)
             if not messages:
                 raise RowError(f"column {messages_column!r} holds only an assistant turn, no prompt")
         row.messages = messages
@@ -115,7 +115,7 @@ def _check_needs(row: ParsedRow, columns: dict[str, str], algorithm: Algorithm) 
     if algorithm == "sft" and row.response is None:
         raise RowError(
             f"sft needs a response: column {columns['response']!r} is missing or empty and "
-            f"{columns['messages']!r} does not end with an assistant turn"
+            f"{columns['messages']!r} does not end with an assistant turn that has text"
         )
 
 
@@ -232,11 +232,17 @@ def _as_messages(value: Any, column: str) -> list[dict]:
     return messages
 
 
-def _content_text(message: dict, column: str) -> str:
+def _turn_text(message: dict) -> str | None:
+    """A turn's text; None when it has none (only tool_calls, a list of parts, blank)."""
     content = message.get("content")
-    if not isinstance(content, str) or not content.strip():
+    return content if isinstance(content, str) and content.strip() else None
+
+
+def _content_text(message: dict, column: str) -> str:
+    text = _turn_text(message)
+    if text is None:
         raise RowError(f"column {column!r}: the final assistant turn has no text content")
-    return content
+    return text
 
 
 def _as_completion(value: Any, column: str) -> tuple[list[dict], str | None]:

@@ -35,6 +35,19 @@ def test_messages_win_over_prompt_and_final_assistant_turn_becomes_response():
     assert explicit.response == "4" and explicit.messages == messages[:2]
 
 
+def test_a_final_assistant_turn_without_text_is_split_off_and_only_sft_needs_its_text():
+    """A function-calling conversation ends with the gold call (no content): fine for GRPO."""
+    call = {"type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [
+        {"role": "user", "content": "Call f."},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+    ]
+    row = parse_row({"messages": messages}, DEFAULT, "grpo")
+    assert row.messages == messages[:1] and row.response is None
+    with pytest.raises(RowError, match="sft needs a response"):
+        parse_row({"messages": messages}, DEFAULT, "sft")
+
+
 def test_json_strings_are_decoded_for_messages_tools_calls_and_tests():
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     calls = {"name": "f", "arguments": {}}
