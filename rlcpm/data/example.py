@@ -20,7 +20,7 @@ class Example:
     id: str
     prompt: str
     messages: list[dict] | None = None
-    answer: str | None = None
+    answer: str | list[str] | None = None  # a list: any of its forms is accepted
     response: str | None = None
     chosen: str | None = None
     rejected: str | None = None

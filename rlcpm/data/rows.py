@@ -42,7 +42,7 @@ class ParsedRow:
     id: str | None = None
     prompt: str | None = None
     messages: list[dict] | None = None
-    answer: str | None = None
+    answer: str | list[str] | None = None
     response: str | None = None
     chosen: str | None = None
     rejected: str | None = None
@@ -146,12 +146,17 @@ def _as_id(value: Any, column: str) -> str | None:
     )
 
 
-def _as_answer(value: Any, column: str) -> str | None:
+def _as_answer(value: Any, column: str) -> str | list[str] | None:
+    """A string, a number, or a non-empty list of them (several accepted forms; docs/rewards.md)."""
     if value is None or isinstance(value, str):
         return value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
-    raise RowError(f"column {column!r} (the answer) must be a string or a number, got {type(value).__name__}")
+    if isinstance(value, (list, tuple)) and value and not any(isinstance(v, (list, tuple)) for v in value):
+        return [_as_answer(item, column) for item in value if item is not None] or None
+    raise RowError(
+        f"column {column!r} (the answer) must be a string, a number or a list of them, got {value!r:.80}"
+    )
 
 
 def _decode_json_field(value: Any, name: str, column: str) -> Any:

@@ -20,7 +20,7 @@ class Sample:
     messages: list[dict] | None = None
     prompt_token_ids: list[int] | None = None
     response_token_ids: list[int] | None = None
-    answer: str | None = None
+    answer: str | list[str] | None = None  # a list: any of its forms is accepted
     fields: dict[str, Any] = field(default_factory=dict)
     finish_reason: str | None = None
 

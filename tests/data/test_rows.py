@@ -108,7 +108,9 @@ def test_dpo_conversational_pair_with_implicit_prompt():
         ({"messages": [{"content": "x"}]}, "grpo", r"message \[0\] must be an object with a string 'role'"),
         ({"messages": "[oops"}, "grpo", "'messages' is a string but not valid JSON"),
         ({"prompt": ["a"]}, "grpo", r"column 'prompt': message \[0\] must be an object with a string 'role'"),
-        ({"prompt": "p", "answer": [1, 2]}, "grpo", "answer.*must be a string or a number"),
+        ({"prompt": "p", "answer": {"a": 1}}, "grpo", "answer.*must be a string, a number or a list of them"),
+        ({"prompt": "p", "answer": [[1]]}, "grpo", "answer.*must be a string, a number or a list of them"),
+        ({"prompt": "p", "answer": []}, "grpo", "answer.*must be a string, a number or a list of them"),
         ({"prompt": "p", "id": 1.5}, "grpo", "row id.*float"),
         ({"prompt": "p", "tools": "{bad"}, "grpo", "'tools' is a string but not valid JSON"),
         ({"prompt": "p", "tools": ["x"]}, "grpo", "must be a list of objects"),
@@ -158,3 +160,13 @@ def test_custom_column_names_appear_in_messages():
 def test_nan_and_blank_cells_count_as_missing():
     row = parse_row({"prompt": "p", "answer": float("nan"), "response": " "}, DEFAULT)
     assert row.answer is None and row.response is None
+
+
+def test_an_answer_column_may_list_several_accepted_forms():
+    """docs/rewards.md: a gold answer that is a list accepts any of its forms; the loader refused
+    lists, so no dataset could use it."""
+    from rlcpm.rewards import math
+
+    row = parse_row({"prompt": "p", "answer": ["1/2", 0.5]}, DEFAULT, "grpo")
+    assert row.answer == ["1/2", "0.5"]
+    assert math.score("The answer is $\\boxed{0.5}$", row.answer) == 1.0
