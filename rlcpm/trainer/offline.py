@@ -251,7 +251,10 @@ class _Evaluator:
         tensors = ((name, t.to(dtype)) for name, t in learner.named_weights())
         self.engine.update_weights(tensors, version=learner.policy_version)
         rollout, eval_cfg = self.recipe.rollout, self.recipe.eval
-        temperature = 0.0 if eval_cfg.greedy else (eval_cfg.temperature or rollout.temperature)
+        if eval_cfg.greedy:
+            temperature = 0.0
+        else:  # eval.temperature 0 is greedy, not unset
+            temperature = eval_cfg.temperature if eval_cfg.temperature is not None else rollout.temperature
         params = eval_sampling_params(self.recipe, temperature, seed=self.recipe.seed)
         prompts = [prompt_ids(self.tokenizer, e) for e in self.examples]
         outputs = self.engine.generate(prompts, params)

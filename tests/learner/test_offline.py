@@ -338,3 +338,24 @@ def test_a_resume_with_more_epochs_trains_its_first_step_at_the_new_schedules_ra
     lrs = [r["train/lr"] for r in train(longer, resume=True).history]
     expected = [1e-3 * lr_multiplier(step, longer.learner.schedule, 8) for step in range(3, 9)]
     assert lrs == pytest.approx(expected, rel=1e-9)
+
+
+def test_offline_evaluation_at_eval_temperature_0_is_greedy(tmp_path, tiny_model_dir):
+    """eval: {greedy: false, temperature: 0} means greedy (EvalConfig), as in a GRPO run: a 0
+    was taken for "unset" and the evaluation sampled at the rollout temperature."""
+    from rlcpm.learner.learner import Learner
+    from rlcpm.models import load_tokenizer
+    from rlcpm.trainer.offline import _Evaluator
+
+    recipe = _sft_recipe(
+        tmp_path / "run",
+        tiny_model_dir,
+        rollout={"max_new_tokens": 4, "temperature": 1.0},
+        eval={"num_prompts": 2, "greedy": False, "temperature": 0.0},
+    )
+    evaluator = _Evaluator.maybe(recipe, load_tokenizer(tiny_model_dir), tiny_model_dir)
+    seen = []
+    generate = evaluator.engine.generate
+    evaluator.engine.generate = lambda prompts, params: seen.append(params) or generate(prompts, params)
+    evaluator.run(Learner(recipe, model_dir=tiny_model_dir))
+    assert seen[0].temperature == 0.0
