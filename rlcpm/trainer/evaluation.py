@@ -13,18 +13,23 @@ from rlcpm.trainer.scoring import reward_metrics
 log = logging.getLogger("rlcpm.trainer")
 
 
-def eval_sampling_params(recipe: Recipe, temperature: float, seed: int) -> SamplingParams:
-    """The rollout's sampling settings at an evaluation temperature (0: greedy, no filters)."""
+def eval_sampling_params(recipe: Recipe, temperature: float, num_prompts: int) -> list[SamplingParams]:
+    """The rollout's sampling settings at an evaluation temperature (0: greedy, no filters), one
+    per prompt, each with its own seed (a shared seed would draw every prompt's tokens with the
+    same uniforms)."""
     rollout = recipe.rollout
-    return SamplingParams(
-        max_new_tokens=rollout.max_new_tokens,
-        temperature=temperature,
-        top_p=rollout.top_p if temperature > 0 else 1.0,
-        top_k=rollout.top_k if temperature > 0 else -1,
-        seed=seed,
-        stop=list(rollout.stop),
-        stop_token_ids=list(rollout.stop_token_ids),
-    )
+    return [
+        SamplingParams(
+            max_new_tokens=rollout.max_new_tokens,
+            temperature=temperature,
+            top_p=rollout.top_p if temperature > 0 else 1.0,
+            top_k=rollout.top_k if temperature > 0 else -1,
+            seed=recipe.seed * 7919 + i,
+            stop=list(rollout.stop),
+            stop_token_ids=list(rollout.stop_token_ids),
+        )
+        for i in range(num_prompts)
+    ]
 
 
 def evaluate(
@@ -47,7 +52,7 @@ def evaluate(
     labels = [term.label for term in reward_pool.terms]
     metrics: dict[str, float] = {}
     for prefix, temp in modes.items():
-        params = [eval_sampling_params(recipe, temp, seed=recipe.seed * 7919 + i) for i in range(len(examples))]
+        params = eval_sampling_params(recipe, temp, len(examples))
         outputs = rollout_pool.generate_plain(prompts, params)
         aborted = [out for out in outputs if out.finish_reason == "aborted"]
         if aborted:  # never score the empty outputs of refused requests as wrong answers

@@ -255,7 +255,7 @@ class _Evaluator:
             temperature = 0.0
         else:  # eval.temperature 0 is greedy, not unset
             temperature = eval_cfg.temperature if eval_cfg.temperature is not None else rollout.temperature
-        params = eval_sampling_params(self.recipe, temperature, seed=self.recipe.seed)
+        params = eval_sampling_params(self.recipe, temperature, len(self.examples))
         prompts = [prompt_ids(self.tokenizer, e) for e in self.examples]
         outputs = self.engine.generate(prompts, params)
         texts = [self.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outputs]

@@ -359,3 +359,71 @@ def test_offline_evaluation_at_eval_temperature_0_is_greedy(tmp_path, tiny_model
     evaluator.engine.generate = lambda prompts, params: seen.append(params) or generate(prompts, params)
     evaluator.run(Learner(recipe, model_dir=tiny_model_dir))
     assert seen[0].temperature == 0.0
+
+
+    assert {p.temperature for p in seen[0]} == {0.0}
+
+
+def test_offline_evaluation_uses_the_recipes_model_tokenizer(tmp_path, tiny_model_dir):
+    """A model directory without tokenizer files and model.tokenizer naming them: the
+    evaluation engine loaded its tokenizer from the model directory and failed."""
+    from rlcpm.models import load_tokenizer
+    from rlcpm.trainer.offline import _Evaluator
+
+    weights_only, tokenizer_dir = tmp_path / "weights", tmp_path / "tokenizer"
+    shutil.copytree(tiny_model_dir, weights_only)
+    tokenizer_dir.mkdir()
+    for file in list(weights_only.iterdir()):
+        if file.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.move(file, tokenizer_dir / file.name)
+    recipe = _sft_recipe(
+        tmp_path / "run", weights_only, model={"tokenizer": str(tokenizer_dir)}, rollout={"stop": ["="]}
+    )
+    evaluator = _Evaluator.maybe(recipe, load_tokenizer(tokenizer_dir), weights_only)
+    assert evaluator.engine.tokenizer.vocab == load_tokenizer(tokenizer_dir).vocab
+
+
+def test_raw_prompts_get_the_tokenizers_bos_as_in_grpo(tmp_path, tiny_model_dir):
+    """data.apply_chat_template: false with a tokenizer that adds a BOS (Llama, MiniCPM): SFT /
+    DPO trained and evaluated the prompts without it, while GRPO (and `tokenizer(text)`) put it
+    first. A rendered chat prompt carries its template's own special tokens: nothing is added."""
+    from tokenizers import processors
+
+    from rlcpm.learner.learner import Learner
+    from rlcpm.models import load_tokenizer
+    from rlcpm.trainer.offline import _Evaluator, _load_items
+
+    tokenizer = load_tokenizer(tiny_model_dir)
+    bos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)]
+    )
+    raw = _sft_recipe(tmp_path / "raw", tiny_model_dir, rollout={"max_new_tokens": 2}, eval={"num_prompts": 1})
+    item = _load_items(raw, tokenizer)[0]
+    assert item.prompt_token_ids[0] == bos and item.prompt_token_ids.count(bos) == 1
+    evaluator = _Evaluator.maybe(raw, tokenizer, tiny_model_dir)
+    seen = []
+    generate = evaluator.engine.generate
+    evaluator.engine.generate = lambda prompts, params: seen.extend(prompts) or generate(prompts, params)
+    evaluator.run(Learner(raw, model_dir=tiny_model_dir))
+    assert seen[0][0] == bos
+    chat = _sft_recipe(tmp_path / "chat", tiny_model_dir, data={"apply_chat_template": True})
+    assert bos not in _load_items(chat, tokenizer)[0].prompt_token_ids
+
+
+def test_sampled_offline_evaluation_draws_each_prompt_with_its_own_seed(tmp_path, tiny_model_dir):
+    """eval.greedy: false: every prompt had the same seed, so the same uniforms picked every
+    prompt's tokens (one draw shared by the whole evaluation, not one per prompt as in GRPO's)."""
+    from rlcpm.learner.learner import Learner
+    from rlcpm.models import load_tokenizer
+    from rlcpm.trainer.offline import _Evaluator
+
+    recipe = _sft_recipe(
+        tmp_path / "run", tiny_model_dir, rollout={"max_new_tokens": 2}, eval={"num_prompts": 3, "greedy": False}
+    )
+    evaluator = _Evaluator.maybe(recipe, load_tokenizer(tiny_model_dir), tiny_model_dir)
+    seen = []
+    generate = evaluator.engine.generate
+    evaluator.engine.generate = lambda prompts, params: seen.append(params) or generate(prompts, params)
+    evaluator.run(Learner(recipe, model_dir=tiny_model_dir))
+    assert isinstance(seen[0], list) and len({p.seed for p in seen[0]}) == 3
