@@ -32,6 +32,17 @@ def eval_sampling_params(recipe: Recipe, temperature: float, num_prompts: int) -
     ]
 
 
+def check_not_refused(outputs: Sequence) -> Sequence:
+    """The engine's outputs, unless it refused a request (TrainingError): the empty outputs of
+    refused requests must never be scored as wrong answers."""
+    aborted = [out for out in outputs if out.finish_reason == "aborted"]
+    if aborted:
+        raise TrainingError(
+            f"evaluation: the engine refused {len(aborted)} of {len(outputs)} requests: {aborted[0].error}"
+        )
+    return outputs
+
+
 def evaluate(
     recipe: Recipe, rollout_pool, reward_pool, examples: Sequence, tokenize, decode
 ) -> dict[str, float]:
@@ -53,12 +64,7 @@ def evaluate(
     metrics: dict[str, float] = {}
     for prefix, temp in modes.items():
         params = eval_sampling_params(recipe, temp, len(examples))
-        outputs = rollout_pool.generate_plain(prompts, params)
-        aborted = [out for out in outputs if out.finish_reason == "aborted"]
-        if aborted:  # never score the empty outputs of refused requests as wrong answers
-            raise TrainingError(
-                f"evaluation: the engine refused {len(aborted)} of {len(outputs)} requests: {aborted[0].error}"
-            )
+        outputs = check_not_refused(rollout_pool.generate_plain(prompts, params))
         samples = [
             Sample(
                 id=f"eval{i}",

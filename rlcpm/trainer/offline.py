@@ -244,7 +244,7 @@ class _Evaluator:
 
     def run(self, learner) -> dict[str, float]:
         from rlcpm.rewards import math as math_reward
-        from rlcpm.trainer.evaluation import eval_sampling_params
+        from rlcpm.trainer.evaluation import check_not_refused, eval_sampling_params
         from rlcpm.trainer.rollout_pool import engine_weight_dtype
 
         dtype = engine_weight_dtype(self.recipe, self.model_dir)
@@ -257,7 +257,7 @@ class _Evaluator:
             temperature = eval_cfg.temperature if eval_cfg.temperature is not None else rollout.temperature
         params = eval_sampling_params(self.recipe, temperature, len(self.examples))
         prompts = [prompt_ids(self.tokenizer, e) for e in self.examples]
-        outputs = self.engine.generate(prompts, params)
+        outputs = check_not_refused(self.engine.generate(prompts, params))
         texts = [self.tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outputs]
         correct = [math_reward.score(text, e.answer) for text, e in zip(texts, self.examples)]
         return {

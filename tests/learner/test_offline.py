@@ -427,3 +427,48 @@ def test_sampled_offline_evaluation_draws_each_prompt_with_its_own_seed(tmp_path
     evaluator.engine.generate = lambda prompts, params: seen.append(params) or generate(prompts, params)
     evaluator.run(Learner(recipe, model_dir=tiny_model_dir))
     assert isinstance(seen[0], list) and len({p.seed for p in seen[0]}) == 3
+
+
+
+
+
+def test_sft_final_export_keeps_the_tokenizer_it_trained_with(tmp_path, tiny_model_dir):
+    """model.tokenizer names another tokenizer than the model directory's: run_dir/final got the
+    model directory's tokenizer files copied over the one the run trained and evaluated with."""
+    tokenizer_dir = tmp_path / "tokenizer"
+    tokenizer_dir.mkdir()
+    template = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}<|im_start|>"
+    for file in tiny_model_dir.iterdir():
+        if file.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(file, tokenizer_dir / file.name)
+    config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    sections = {
+        "model": {"tokenizer": str(tokenizer_dir)},
+        "algorithm": {"name": "sft", "epochs": 0.05, "samples_per_step": 16, "max_seq_len": 64},
+        "data": {"train": {"task": "arithmetic", "num_samples": 320, "seed": 0}, "eval": None},
+    }
+    result = train_offline(_sft_recipe(tmp_path / "run", tiny_model_dir, **sections))
+    from rlcpm.models import load_tokenizer
+
+    assert load_tokenizer(result.final_model_dir).chat_template == template
+    assert (result.final_model_dir / "generation_config.json").read_text() == (
+        tiny_model_dir / "generation_config.json"
+    ).read_text()
+
+
+def test_offline_evaluation_raises_when_the_engine_refuses_its_requests(tmp_path, tiny_model_dir):
+    """Requests the engine refuses (here a stop token id outside the vocabulary) come back empty
+    with finish_reason "aborted": they were scored as wrong answers (accuracy 0.0, silently)
+    where GRPO's evaluation raises."""
+    from rlcpm.errors import TrainingError
+    from rlcpm.learner.learner import Learner
+    from rlcpm.models import load_tokenizer
+    from rlcpm.trainer.offline import _Evaluator
+
+    recipe = _sft_recipe(
+        tmp_path / "run", tiny_model_dir, rollout={"max_new_tokens": 2, "stop_token_ids": [10**6]}
+    )
+    evaluator = _Evaluator.maybe(recipe, load_tokenizer(tiny_model_dir), tiny_model_dir)
+    with pytest.raises(TrainingError, match="refused 100 of 100 requests: stop token id 1000000 is outside"):
+        evaluator.run(Learner(recipe, model_dir=tiny_model_dir))
