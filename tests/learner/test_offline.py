@@ -240,8 +240,6 @@ def test_offline_evaluation_runs_the_engine_as_the_rollout_settings_say(tmp_path
 def test_offline_evaluation_loads_model_tokenizer(tmp_path, tiny_model_dir):
     """A model directory without tokenizer files and model.tokenizer set: the evaluation's engine
     loaded the tokenizer from the model directory and the run died setting it up."""
-    import shutil
-
     from rlcpm.models import load_tokenizer
     from rlcpm.models.checkpoint import TOKENIZER_FILES
     from rlcpm.trainer.offline import _Evaluator
@@ -358,57 +356,7 @@ def test_offline_evaluation_at_eval_temperature_0_is_greedy(tmp_path, tiny_model
     generate = evaluator.engine.generate
     evaluator.engine.generate = lambda prompts, params: seen.append(params) or generate(prompts, params)
     evaluator.run(Learner(recipe, model_dir=tiny_model_dir))
-    assert seen[0].temperature == 0.0
-
-
     assert {p.temperature for p in seen[0]} == {0.0}
-
-
-def test_offline_evaluation_uses_the_recipes_model_tokenizer(tmp_path, tiny_model_dir):
-    """A model directory without tokenizer files and model.tokenizer naming them: the
-    evaluation engine loaded its tokenizer from the model directory and failed."""
-    from rlcpm.models import load_tokenizer
-    from rlcpm.trainer.offline import _Evaluator
-
-    weights_only, tokenizer_dir = tmp_path / "weights", tmp_path / "tokenizer"
-    shutil.copytree(tiny_model_dir, weights_only)
-    tokenizer_dir.mkdir()
-    for file in list(weights_only.iterdir()):
-        if file.name.startswith(("tokenizer", "special_tokens", "chat_template")):
-            shutil.move(file, tokenizer_dir / file.name)
-    recipe = _sft_recipe(
-        tmp_path / "run", weights_only, model={"tokenizer": str(tokenizer_dir)}, rollout={"stop": ["="]}
-    )
-    evaluator = _Evaluator.maybe(recipe, load_tokenizer(tokenizer_dir), weights_only)
-    assert evaluator.engine.tokenizer.vocab == load_tokenizer(tokenizer_dir).vocab
-
-
-def test_raw_prompts_get_the_tokenizers_bos_as_in_grpo(tmp_path, tiny_model_dir):
-    """data.apply_chat_template: false with a tokenizer that adds a BOS (Llama, MiniCPM): SFT /
-    DPO trained and evaluated the prompts without it, while GRPO (and `tokenizer(text)`) put it
-    first. A rendered chat prompt carries its template's own special tokens: nothing is added."""
-    from tokenizers import processors
-
-    from rlcpm.learner.learner import Learner
-    from rlcpm.models import load_tokenizer
-    from rlcpm.trainer.offline import _Evaluator, _load_items
-
-    tokenizer = load_tokenizer(tiny_model_dir)
-    bos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
-        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)]
-    )
-    raw = _sft_recipe(tmp_path / "raw", tiny_model_dir, rollout={"max_new_tokens": 2}, eval={"num_prompts": 1})
-    item = _load_items(raw, tokenizer)[0]
-    assert item.prompt_token_ids[0] == bos and item.prompt_token_ids.count(bos) == 1
-    evaluator = _Evaluator.maybe(raw, tokenizer, tiny_model_dir)
-    seen = []
-    generate = evaluator.engine.generate
-    evaluator.engine.generate = lambda prompts, params: seen.extend(prompts) or generate(prompts, params)
-    evaluator.run(Learner(raw, model_dir=tiny_model_dir))
-    assert seen[0][0] == bos
-    chat = _sft_recipe(tmp_path / "chat", tiny_model_dir, data={"apply_chat_template": True})
-    assert bos not in _load_items(chat, tokenizer)[0].prompt_token_ids
 
 
 def test_sampled_offline_evaluation_draws_each_prompt_with_its_own_seed(tmp_path, tiny_model_dir):
@@ -419,7 +367,10 @@ def test_sampled_offline_evaluation_draws_each_prompt_with_its_own_seed(tmp_path
     from rlcpm.trainer.offline import _Evaluator
 
     recipe = _sft_recipe(
-        tmp_path / "run", tiny_model_dir, rollout={"max_new_tokens": 2}, eval={"num_prompts": 3, "greedy": False}
+        tmp_path / "run",
+        tiny_model_dir,
+        rollout={"max_new_tokens": 2},
+        eval={"num_prompts": 3, "greedy": False},
     )
     evaluator = _Evaluator.maybe(recipe, load_tokenizer(tiny_model_dir), tiny_model_dir)
     seen = []
@@ -427,34 +378,6 @@ def test_sampled_offline_evaluation_draws_each_prompt_with_its_own_seed(tmp_path
     evaluator.engine.generate = lambda prompts, params: seen.append(params) or generate(prompts, params)
     evaluator.run(Learner(recipe, model_dir=tiny_model_dir))
     assert isinstance(seen[0], list) and len({p.seed for p in seen[0]}) == 3
-
-
-
-
-
-def test_sft_final_export_keeps_the_tokenizer_it_trained_with(tmp_path, tiny_model_dir):
-    """model.tokenizer names another tokenizer than the model directory's: run_dir/final got the
-    model directory's tokenizer files copied over the one the run trained and evaluated with."""
-    tokenizer_dir = tmp_path / "tokenizer"
-    tokenizer_dir.mkdir()
-    template = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}<|im_start|>"
-    for file in tiny_model_dir.iterdir():
-        if file.name.startswith(("tokenizer", "special_tokens")):
-            shutil.copy(file, tokenizer_dir / file.name)
-    config = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
-    (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
-    sections = {
-        "model": {"tokenizer": str(tokenizer_dir)},
-        "algorithm": {"name": "sft", "epochs": 0.05, "samples_per_step": 16, "max_seq_len": 64},
-        "data": {"train": {"task": "arithmetic", "num_samples": 320, "seed": 0}, "eval": None},
-    }
-    result = train_offline(_sft_recipe(tmp_path / "run", tiny_model_dir, **sections))
-    from rlcpm.models import load_tokenizer
-
-    assert load_tokenizer(result.final_model_dir).chat_template == template
-    assert (result.final_model_dir / "generation_config.json").read_text() == (
-        tiny_model_dir / "generation_config.json"
-    ).read_text()
 
 
 def test_offline_evaluation_raises_when_the_engine_refuses_its_requests(tmp_path, tiny_model_dir):
