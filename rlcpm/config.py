@@ -327,6 +327,10 @@ class RolloutConfig(Section):
     def _chunk_le_max(self) -> RolloutConfig:
         if self.max_staleness > 1:
             raise ValueError("max_staleness > 1 is not supported (0: synchronous, 1: one-step overlap)")
+        if "" in self.stop:
+            raise ValueError("stop holds an empty string (a stop string must have text)")
+        if any(token_id < 0 for token_id in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be token ids >= 0, got {self.stop_token_ids}")
         return self
 
 

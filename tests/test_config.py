@@ -183,6 +183,9 @@ def test_missing_required_sections(tmp_path):
         ("rollout.top_p=1.5", "rollout.top_p"),
         ("model.tiny=null", "set model.path"),
         ("rollout.max_staleness=3", "max_staleness"),
+        # passed validation; the engines refused them only once the rollout workers were up
+        ("rollout.stop=['</answer>', '']", "stop holds an empty string"),
+        ("rollout.stop_token_ids=[2, -1]", "stop_token_ids must be token ids >= 0"),
         ("learner.lora={targets: []}", "learner.lora.targets: List should have at least 1 item"),
         ("learner.lora={targets: [q_proj, lm_head]}", "lm_head cannot carry an adapter"),
         ("rewards=[{name: math, weight: .nan}]", "rewards[0].weight: Input should be a finite number"),
