@@ -202,6 +202,7 @@ class RolloutPool:
                 )
         self.workers[index] = worker
         self._preemptions_seen.pop(index, None)  # a fresh engine counts from 0
+        self._spec_seen.pop(index, None)
         self._affinity = {g: w for g, w in self._affinity.items() if w != index}
         self.num_restarts += 1
 

@@ -60,3 +60,31 @@ def test_rollout_pool_workers_decode_speculatively(ray_session, tiny_dirs, tmp_p
         assert pool.speculation_metrics()["rollout/spec_rounds"] == 0
     finally:
         pool.close()
+
+
+def test_speculation_metrics_count_every_round_of_a_replacement_worker(ray_session, tiny_dirs, tmp_path):
+    """A replaced worker's counters start at 0, but the pool subtracted the dead worker's last
+    counters from them: a replacement that drafted more rounds than its predecessor had was
+    reported short by that many."""
+    model_dir = str(tiny_dirs["llama"])
+    recipe = load_recipe(
+        data={
+            "run_dir": str(tmp_path / "run"),
+            "model": {"path": model_dir, "dtype": "float32", "device": "cpu"},
+            "data": {"train": {"task": "arithmetic", "num_samples": 8}},
+            "rewards": [{"name": "math"}],
+            "rollout": {"n_samples": 2, "kv_budget_gb": 0.01, "speculative": {"draft": model_dir}},
+            "logging": {"wandb": {"mode": "disabled"}, "progress": False},
+        }
+    )
+    pool = RolloutPool(recipe, model_dir)
+    try:
+        pool.generate([ChunkRequest("a", [5, 17, 301, 42], [], 0, 4, None)], {"a": "g"})
+        assert pool.speculation_metrics()["rollout/spec_rounds"] >= 1
+        pool.kill_worker(0)
+        pool.generate([ChunkRequest("b", [5, 17, 301, 43], [], 1, 16, None)], {"b": "h"})
+        rounds = pool.stats()[0]["spec_num_rounds"]  # the replacement's, all since this last call
+        assert rounds > 1
+        assert pool.speculation_metrics()["rollout/spec_rounds"] == rounds
+    finally:
+        pool.close()
