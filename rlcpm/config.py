@@ -455,7 +455,7 @@ class EvalConfig(Section):
 
 class ClusterConfig(Section):
     address: str | None = Field(
-        None, description='null: start a local Ray instance; "auto" or "ray://host:port"'
+        None, description='null: start a local Ray instance; "auto" or "host:port" (not ray:// for GRPO)'
     )
     num_cpus: int | None = Field(None, gt=0, description="local Ray only")
     num_gpus: int | None = Field(None, ge=0, description="local Ray only")

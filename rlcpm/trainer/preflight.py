@@ -31,6 +31,19 @@ def check_run(recipe: Recipe, resume: bool) -> None:
     check_data_paths(recipe)
     check_synthetic_data(recipe)
     check_rewards(recipe)
+    check_cluster_address(recipe)
+
+
+def check_cluster_address(recipe: Recipe) -> None:
+    """GRPO streams the learner's weights with Ray streaming generators, which Ray Client
+    (`ray://`) does not support: the run would fail at its first weight sync."""
+    address = recipe.cluster.address or ""
+    if recipe.algorithm.name == "grpo" and address.startswith("ray://"):
+        raise TrainingError(
+            f"cluster.address {address}: GRPO cannot run through Ray Client (ray://), which cannot "
+            "stream the learner's weights to the rollout workers; run the driver on a node of the "
+            "cluster with cluster.address: auto (or the head's host:6379)"
+        )
 
 
 def check_rewards(recipe: Recipe) -> None:

@@ -234,3 +234,11 @@ def test_sparse_settings_are_checked_over_the_checkpoints_own(tmp_path):
 def test_sparse_settings_under_dense_attention_are_reported_as_ignored(tmp_path, rlcpm_log):
     check_run(recipe(tmp_path, **{"model.sparse_attention": {"topk": 8}}), resume=False)
     assert "model.sparse_attention is set but model.attention is 'dense'" in rlcpm_log.text
+
+
+def test_grpo_through_ray_client_fails_before_ray_starts(tmp_path):
+    """docs/scaling.md offered cluster.address: ray://head:10001, but Ray Client has no streaming
+    generators, which the weight sync uses: the run failed once every actor had loaded."""
+    with pytest.raises(TrainingError, match="Ray Client"):
+        check_run(recipe(tmp_path, **{"cluster.address": "ray://head:10001"}), False)
+    check_run(recipe(tmp_path, **{"cluster.address": "auto"}), False)
