@@ -101,3 +101,25 @@ def prompts():
         return [torch.randint(0, vocab, (n_tokens,), generator=generator).tolist() for n_tokens in lens]
 
     return make
+
+
+@pytest.fixture
+def pool_recipe(tiny_dirs, tmp_path):
+    """pool_recipe(rollout={...}, **sections) -> a GRPO recipe over the tiny llama for a RolloutPool
+    (float32 on the CPU, a 10 MB KV budget, no wandb)."""
+    from rlcpm.config import load_recipe
+
+    def make(rollout: dict, **sections):
+        return load_recipe(
+            data={
+                "run_dir": str(tmp_path / "run"),
+                "model": {"path": str(tiny_dirs["llama"]), "dtype": "float32", "device": "cpu"},
+                "data": {"train": {"task": "arithmetic", "num_samples": 8}},
+                "rewards": [{"name": "math"}],
+                "rollout": {"n_samples": 2, "kv_budget_gb": 0.01, **rollout},
+                "logging": {"wandb": {"mode": "disabled"}, "progress": False},
+                **sections,
+            }
+        )
+
+    return make

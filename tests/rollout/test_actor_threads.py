@@ -2,24 +2,13 @@
 
 from __future__ import annotations
 
-from rlcpm.config import load_recipe
 from rlcpm.learner.group import learner_env
 from rlcpm.trainer.rollout_pool import RolloutPool
 
 
-def test_rollout_threads_reach_the_worker(ray_session, tiny_dirs, tmp_path):
+def test_rollout_threads_reach_the_worker(ray_session, tiny_dirs, pool_recipe):
     model_dir = str(tiny_dirs["llama"])
-    recipe = load_recipe(
-        data={
-            "run_dir": str(tmp_path / "run"),
-            "model": {"path": model_dir, "dtype": "float32", "device": "cpu"},
-            "data": {"train": {"task": "arithmetic", "num_samples": 8}},
-            "rewards": [{"name": "math"}],
-            "rollout": {"n_samples": 2, "max_new_tokens": 8, "kv_budget_gb": 0.01},
-            "cluster": {"rollout_threads": 2},
-            "logging": {"wandb": {"mode": "disabled"}, "progress": False},
-        }
-    )
+    recipe = pool_recipe({"max_new_tokens": 8}, cluster={"rollout_threads": 2})
     pool = RolloutPool(recipe, model_dir)
     try:
         import ray

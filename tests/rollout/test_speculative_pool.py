@@ -62,21 +62,12 @@ def test_rollout_pool_workers_decode_speculatively(ray_session, tiny_dirs, tmp_p
         pool.close()
 
 
-def test_speculation_metrics_count_every_round_of_a_replacement_worker(ray_session, tiny_dirs, tmp_path):
+def test_speculation_metrics_count_every_round_of_a_replacement_worker(ray_session, tiny_dirs, pool_recipe):
     """A replaced worker's counters start at 0, but the pool subtracted the dead worker's last
     counters from them: a replacement that drafted more rounds than its predecessor had was
     reported short by that many."""
     model_dir = str(tiny_dirs["llama"])
-    recipe = load_recipe(
-        data={
-            "run_dir": str(tmp_path / "run"),
-            "model": {"path": model_dir, "dtype": "float32", "device": "cpu"},
-            "data": {"train": {"task": "arithmetic", "num_samples": 8}},
-            "rewards": [{"name": "math"}],
-            "rollout": {"n_samples": 2, "kv_budget_gb": 0.01, "speculative": {"draft": model_dir}},
-            "logging": {"wandb": {"mode": "disabled"}, "progress": False},
-        }
-    )
+    recipe = pool_recipe({"speculative": {"draft": model_dir}})
     pool = RolloutPool(recipe, model_dir)
     try:
         pool.generate([ChunkRequest("a", [5, 17, 301, 42], [], 0, 4, None)], {"a": "g"})
