@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
+
+import pytest
 
 import rlcpm
 
@@ -36,3 +39,11 @@ def test_subpackage_api():
         max_new_tokens=4, temperature=1.0, top_p=1.0, top_k=-1, seed=0, stop_token_ids=[], ignore_eos=False
     )
     assert params.max_new_tokens == 4
+
+
+def test_extras_offer_no_vllm_backend():
+    """`pip install rlcpm[vllm]` pulled in vLLM (and the torch build it pins) for nothing:
+    rollout.engine accepts `rlcpm` only (docs/scaling.md)."""
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert "vllm" not in pyproject["project"]["optional-dependencies"]
