@@ -52,9 +52,17 @@ def reward(
     def register(fn: Callable) -> Callable:
         if not callable(fn):
             raise RewardError(f"@reward must decorate a function, got {type(fn).__name__}")
+        if name is None and not hasattr(fn, "__name__"):  # a functools.partial, a callable object
+            raise RewardError(
+                f"@reward: {type(fn).__name__} has no __name__ to register it under; "
+                "give one: @rlcpm.reward('my_reward')"
+            )
+        reward_name = fn.__name__ if name is None else name
+        if not isinstance(reward_name, str) or not reward_name:
+            raise RewardError(f"@reward: the reward name must be a non-empty string, got {reward_name!r}")
         if timeout_s is not None and timeout_s <= 0:
             raise RewardError(f"@reward({name!r}): timeout_s must be > 0, got {timeout_s}")
-        entry = RewardFunction(name or fn.__name__, fn, batched, timeout_s)
+        entry = RewardFunction(reward_name, fn, batched, timeout_s)
         with _LOCK:
             previous = _REGISTRY.get(entry.name)
             if previous is not None and previous.path != entry.path:

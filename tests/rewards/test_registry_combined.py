@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 
@@ -44,6 +45,22 @@ def test_a_name_cannot_be_taken_twice():
         @rlcpm.reward("math")
         def my_math(sample):
             return 0.0
+
+
+@pytest.mark.parametrize("name", [123, "", ("a", "b")])
+def test_a_reward_name_must_be_a_non_empty_string(name):
+    """A non-string name used to be registered, and then every lookup crashed sorting the names."""
+    with pytest.raises(RewardError, match="name must be a non-empty string"):
+        rlcpm.reward(name)(lambda sample: 1.0)
+    assert get_reward("math").name == "math"
+
+
+def test_a_callable_without_a_name_needs_one_given():
+    scaled = functools.partial(lambda sample, factor: factor, factor=2.0)
+    with pytest.raises(RewardError, match=r"has no __name__.*@rlcpm.reward\("):
+        rlcpm.reward(scaled)
+    assert rlcpm.reward("partial_reward")(scaled) is scaled
+    assert get_reward("partial_reward").fn is scaled
 
 
 def test_unknown_name_suggests_the_close_one():
