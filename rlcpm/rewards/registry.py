@@ -71,7 +71,10 @@ def reward(
                     f"pick another name for {entry.path}"
                 )
             _REGISTRY[entry.name] = entry
-        fn.__rlcpm_reward__ = entry
+        try:
+            fn.__rlcpm_reward__ = entry
+        except AttributeError:  # a bound method takes no attributes: it is found by name only
+            pass
         return fn
 
     return register

@@ -63,6 +63,20 @@ def test_a_callable_without_a_name_needs_one_given():
     assert get_reward("partial_reward").fn is scaled
 
 
+def test_a_bound_method_registers_as_a_reward():
+    class Judge:
+        def __init__(self, bonus):
+            self.bonus = bonus
+
+        def score(self, sample):
+            return self.bonus
+
+    judge = Judge(0.5)
+    assert rlcpm.reward("bound_method_reward")(judge.score) == judge.score
+    [result] = CombinedReward.from_specs([{"name": "bound_method_reward"}]).score(_samples("x"))
+    assert result.total == 0.5 and result.error is None
+
+
 def test_unknown_name_suggests_the_close_one():
     with pytest.raises(RewardError, match="did you mean 'tool_use'"):
         get_reward("tool_uses")
