@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from rlcpm.config import Recipe
+from rlcpm.errors import RecipeError
 
 
 @dataclass
@@ -43,6 +44,13 @@ def train(recipe: Recipe, resume: bool = False) -> TrainResult:
     from rlcpm.monitor import setup_logging
     from rlcpm.trainer.preflight import check_run
 
+    if not isinstance(recipe, Recipe):
+        raise RecipeError(
+            [
+                f"train() takes a Recipe, got {type(recipe).__name__}: load it first with "
+                "rlcpm.load_recipe(path, overrides=[...]) (a dict: rlcpm.load_recipe(data={...}))"
+            ]
+        )
     setup_logging(recipe.logging.level)
     check_run(recipe, resume)
     if recipe.algorithm.name == "grpo":

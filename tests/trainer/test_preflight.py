@@ -44,6 +44,13 @@ def test_a_fresh_run_refuses_a_run_dir_with_checkpoints(tmp_path):
     check_run(recipe(tmp_path), resume=True)  # resuming it is fine
 
 
+@pytest.mark.parametrize("not_a_recipe", ["recipes/quickstart.yaml", {"model": {"tiny": TINY}}])
+def test_train_given_a_path_or_a_dict_says_to_load_the_recipe(not_a_recipe):
+    """It crashed with AttributeError: 'str' object has no attribute 'logging'."""
+    with pytest.raises(RecipeError, match=r"train\(\) takes a Recipe.*rlcpm.load_recipe"):
+        train(not_a_recipe)
+
+
 def test_resume_warns_when_there_is_nothing_to_resume_or_nothing_left(tmp_path, rlcpm_log):
     caplog = rlcpm_log
     check_run(recipe(tmp_path), resume=True)
