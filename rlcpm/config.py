@@ -528,6 +528,10 @@ def load_recipe(
     Precedence, lowest first: the files named by `extends` (recursively), the file itself,
     then each override in order. Raises RecipeError listing every problem at once.
     """
+    if isinstance(path, dict):
+        raise RecipeError(["path is a recipe file, got a dict: pass it as load_recipe(data={...})"])
+    if data is not None and not isinstance(data, dict):
+        raise RecipeError([f"data must be a dict of recipe sections, got {type(data).__name__}"])
     source = str(path) if path is not None else "<dict>"
     raw: dict = _load_with_extends(Path(path), seen=()) if path is not None else {}
     if data:

@@ -279,6 +279,14 @@ def test_overrides_do_not_edit_the_callers_data_dict():
     assert recipe.model.tiny.hidden_size == 32 and tiny["hidden_size"] == 16
 
 
+def test_a_dict_given_as_the_path_or_a_non_dict_data_is_a_recipe_error():
+    """load_recipe({...}) crashed with TypeError 'expected str, bytes or os.PathLike object, not dict'."""
+    with pytest.raises(RecipeError, match=r"got a dict: pass it as load_recipe\(data=\{\.\.\.\}\)"):
+        load_recipe({"model": {"path": "m"}})
+    with pytest.raises(RecipeError, match="data must be a dict of recipe sections, got list"):
+        load_recipe(data=[{"model": {"path": "m"}}])
+
+
 def test_a_mapping_data_source_reports_only_its_own_error_and_a_bad_algorithm_only_its_name(tmp_path):
     path = write(tmp_path, "r.yaml", MINIMAL)
     with pytest.raises(RecipeError) as excinfo:
