@@ -59,6 +59,15 @@ def _speculative_settings(speculative: Any):
         raise EngineError(f"speculative settings {speculative!r}: {err}") from err
 
 
+def _check_params_type(params: Any) -> None:
+    """None or a SamplingParams: a dict of settings would fail deep inside (or, empty, mean the defaults)."""
+    if params is not None and not isinstance(params, SamplingParams):
+        raise RequestError(
+            f"params must be a SamplingParams (or a list of them, one per prompt), got {type(params).__name__}"
+            + (": build one with SamplingParams(**settings)" if isinstance(params, dict) else "")
+        )
+
+
 DEFAULT_BLOCK_SIZE = 16  # token slots per KV block (rollout workers use the default)
 
 
@@ -256,6 +265,8 @@ class Engine:
         self, request: Request, params: SamplingParams | None = None, max_chunk_tokens: int | None = None
     ) -> Sequence:
         """Validate and queue one request (resuming its paused KV when it matches); RequestError if invalid."""
+        _check_params_type(request.params)
+        _check_params_type(params)
         params = request.params or params or SamplingParams()
         self._validate(request, params, max_chunk_tokens)
         tokens = list(request.prompt_token_ids) + list(request.output_token_ids)
@@ -388,6 +399,8 @@ class Engine:
             per_request = list(params)
         else:
             per_request = [params] * len(requests)
+        for request_params in per_request:
+            _check_params_type(request_params)
         seen: set = set()
         outputs: list[RequestOutput | None] = [None] * len(requests)
         seqs: dict[int, Sequence] = {}

@@ -68,6 +68,14 @@ def test_malformed_calls_raise(make_engine):
     for prompts in ([1, 2, 3], torch.tensor([1, 2, 3]), "a prompt", ["a prompt"]):
         with pytest.raises(RequestError, match="generate takes a list of prompts, each a list of token ids"):
             engine.generate(prompts, OK)
+    # settings as a dict (crashed with AttributeError 'validate'; an empty one silently used the defaults)
+    for params in ({"max_new_tokens": 2}, {}, [{"max_new_tokens": 2}]):
+        with pytest.raises(
+            RequestError, match=r"params must be a SamplingParams.*got dict.*SamplingParams\(\*\*"
+        ):
+            engine.generate([[1, 2]], params)
+    with pytest.raises(RequestError, match="params must be a SamplingParams"):
+        engine.add_request(Request("by-hand", [1, 2], {"max_new_tokens": 2}))
     assert not engine.scheduler.has_unfinished
 
 
