@@ -285,6 +285,7 @@ class Learner:
 
     def _plan(self, prompts, responses, units=None) -> list[PackedMicroBatch]:
         """This rank's micro-batches, padded with placeholders to the same count on every rank."""
+        self._check_token_ids(prompts, responses)
         micro_batches = plan_micro_batches(
             prompts,
             responses,
@@ -297,6 +298,18 @@ class Learner:
         num = all_reduce_max(len(micro_batches))
         micro_batches += [placeholder_micro_batch() for _ in range(num - len(micro_batches))]
         return micro_batches
+
+    def _check_token_ids(self, prompts, responses) -> None:
+        """Ids past the embedding (a tokenizer larger than the model) would fail deep in torch's gather."""
+        vocab_size = self.policy.config.vocab_size
+        for index, (prompt, response) in enumerate(zip(prompts, responses)):
+            ids = [*prompt, *response]
+            if ids and not (0 <= min(ids) and max(ids) < vocab_size):
+                bad = next(t for t in ids if not 0 <= t < vocab_size)
+                raise TrainingError(
+                    f"sequence {index}: token id {bad} is outside the model's vocabulary [0, {vocab_size}) "
+                    "(does the tokenizer match the model? model.tokenizer)"
+                )
 
     def _update(self, prompts, responses, units, loss_fn: LossFn, sampling: SamplingSpec) -> StepStats:
         """Accumulate gradients over this rank's micro-batches, clip, and take one optimizer step."""

@@ -324,3 +324,19 @@ def test_the_final_export_is_in_the_checkpoints_dtype(make_recipe, tmp_path, sou
     assert final.dtype == exported
     for name, latent in learner.latent_weights():
         assert torch.equal(dict(final.named_parameters())[name], latent.to(exported))
+
+
+def test_token_ids_outside_the_vocabulary_are_named(make_recipe):
+    """A tokenizer with more ids than the model's embedding crashed SFT / DPO / GRPO steps with
+    torch's 'RuntimeError: index 512 is out of bounds' (a device-side assert on a GPU)."""
+    from rlcpm.learner import SFTSequence
+
+    learner = Learner(make_recipe({}))
+    vocab_size = learner.policy.config.vocab_size
+    with pytest.raises(
+        TrainingError, match=rf"sequence 1: token id {vocab_size} is outside .*{vocab_size}\)"
+    ):
+        learner.sft_step([SFTSequence([1, 2], [3]), SFTSequence([1, 2], [3, vocab_size])])
+    with pytest.raises(TrainingError, match="token id -1 is outside"):
+        learner.response_logprobs([[1, -1]], [[3]])
+    assert learner.step == 0
