@@ -107,18 +107,18 @@ class CombinedReward:
             [functools.partial(call_maybe_async, fn, samples, **kwargs)], [term.timeout_s]
         )
         self.num_abandoned_calls += abandoned
-        if outcome.error is None and (
-            not isinstance(outcome.value, (list, tuple)) or len(outcome.value) != len(samples)
-        ):
-            got = (
-                f"{len(outcome.value)} values"
-                if isinstance(outcome.value, (list, tuple))
-                else type(outcome.value).__name__
-            )
-            outcome = CallOutcome(error=f"batched reward returned {got} for {len(samples)} samples")
         if outcome.error is not None:
             return [outcome] * len(samples)
-        return [CallOutcome(value=value) for value in outcome.value]
+        values = outcome.value
+        if hasattr(values, "tolist"):  # a numpy array or a tensor of scores
+            values = values.tolist()
+        if not isinstance(values, (list, tuple)) or len(values) != len(samples):
+            got = (
+                f"{len(values)} values" if isinstance(values, (list, tuple)) else type(outcome.value).__name__
+            )
+            error = f"batched reward returned {got} for {len(samples)} samples"
+            return [CallOutcome(error=error)] * len(samples)
+        return [CallOutcome(value=value) for value in values]
 
     def _apply(self, term: RewardTerm, sample: Sample, result: RewardResult, outcome: CallOutcome) -> None:
         error = outcome.error

@@ -136,6 +136,22 @@ def test_async_and_batched_rewards(user_module):
     assert results[1].total == pytest.approx(0.4)
 
 
+@pytest.mark.parametrize("array", ["numpy", "torch"])
+def test_a_batched_reward_may_return_an_array(array):
+    """A batched reward model's scores as a numpy array or a tensor were refused ('returned ndarray')."""
+    import numpy as np
+    import torch
+
+    to_array = np.array if array == "numpy" else torch.tensor
+
+    @rlcpm.reward(f"batched_{array}_scores", batched=True)
+    def scores(samples):
+        return to_array([float(len(s.response)) for s in samples])
+
+    results = CombinedReward.from_specs([{"name": f"batched_{array}_scores"}]).score(_samples("ab", "abc"))
+    assert [r.total for r in results] == [2.0, 3.0] and all(r.error is None for r in results)
+
+
 def test_async_rewards_share_one_event_loop(user_module):
     """Module-level async state (an AsyncOpenAI client, a semaphore) works on every call, every step."""
     reward = CombinedReward.from_specs([{"fn": "rlcpm_user_rewards:async_shared_state"}])
