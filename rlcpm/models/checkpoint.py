@@ -44,6 +44,21 @@ def resolve_dtype(dtype: torch.dtype | str | None, default: torch.dtype) -> torc
     return _DTYPE_NAMES[dtype]
 
 
+def check_device(device: torch.device | str) -> torch.device:
+    """`device` as a torch device present on this machine (torch itself fails later, with an
+    AssertionError or deep inside `to_empty`)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise CheckpointError(f"device {device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from err
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= count:
+        raise CheckpointError(
+            f"device {str(device)!r}: {count} CUDA device(s) visible here; use device='cpu'"
+        )
+    return device
+
+
 _LOCAL_ONLY = (
     " (rlcpm loads local directories only: a checkpoint you downloaded, or the quickstart's"
     " starting model, which `rlcpm quickstart` builds)"
@@ -145,6 +160,7 @@ def load_model(
     Raises CheckpointError naming the file and tensor for missing / unexpected / misshapen
     tensors and unreadable files; UnsupportedModelError for an unknown model_type.
     """
+    device = check_device(device)
     config = read_config(path)
     if QAT_LATENT_KEY in config.extra:
         log.warning(

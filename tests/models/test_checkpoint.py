@@ -174,6 +174,17 @@ def test_missing_directory(tmp_path):
         load_model(tmp_path / "nope")
 
 
+def test_a_device_that_is_not_here_is_named(saved):
+    """device="cuda" without a GPU raised torch's bare AssertionError ('Torch not compiled with CUDA
+    enabled'); a misspelt device a RuntimeError from deep inside to_empty."""
+    _, path = saved
+    absent = f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(CheckpointError, match=rf"device '{absent}': {torch.cuda.device_count()} CUDA device"):
+        load_model(path, device=absent)
+    with pytest.raises(CheckpointError, match=r"device 'gpu' is not a torch device"):
+        load_model(path, device="gpu")
+
+
 def test_missing_tokenizer_directory_is_named_not_read_as_a_hub_id(tmp_path):
     from rlcpm.models.checkpoint import load_tokenizer
 
