@@ -5,6 +5,8 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import math
+import numbers
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -60,8 +62,10 @@ def reward(
         reward_name = fn.__name__ if name is None else name
         if not isinstance(reward_name, str) or not reward_name:
             raise RewardError(f"@reward: the reward name must be a non-empty string, got {reward_name!r}")
-        if timeout_s is not None and timeout_s <= 0:
-            raise RewardError(f"@reward({name!r}): timeout_s must be > 0, got {timeout_s}")
+        if timeout_s is not None and not _is_seconds(timeout_s):
+            raise RewardError(
+                f"@reward({name!r}): timeout_s must be a finite number of seconds > 0, got {timeout_s!r}"
+            )
         entry = RewardFunction(reward_name, fn, batched, timeout_s)
         with _LOCK:
             previous = _REGISTRY.get(entry.name)
@@ -78,6 +82,13 @@ def reward(
         return fn
 
     return register
+
+
+def _is_seconds(value: Any) -> bool:
+    """A finite number > 0 (not a bool): what a recipe's timeout_s accepts too."""
+    return (
+        isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    )
 
 
 def get_reward(name: str) -> RewardFunction:

@@ -63,6 +63,13 @@ def test_a_callable_without_a_name_needs_one_given():
     assert get_reward("partial_reward").fn is scaled
 
 
+@pytest.mark.parametrize("timeout_s", [0, float("nan"), float("inf"), "30", True])
+def test_a_decorator_timeout_must_be_a_finite_number_of_seconds(timeout_s):
+    """NaN timed every call out at once, inf crashed score() with OverflowError, "30" with TypeError."""
+    with pytest.raises(RewardError, match=r"timeout_s must be a finite number of seconds > 0"):
+        rlcpm.reward("bad_timeout_reward", timeout_s=timeout_s)(lambda sample: 1.0)
+
+
 def test_a_bound_method_registers_as_a_reward():
     class Judge:
         def __init__(self, bonus):
