@@ -656,7 +656,8 @@ def set_dotted(tree: dict, key: str, value: Any) -> None:
 # -------------------------------------------------------------------------------- error messages
 
 
-def format_validation_errors(err: ValidationError) -> list[str]:
+def format_validation_errors(err: ValidationError, root: type[BaseModel] | None = None) -> list[str]:
+    """One line per problem, with its key path; `root`: the model validated (default: Recipe)."""
     messages = []
     for e in err.errors():
         loc = tuple(e["loc"])
@@ -667,7 +668,7 @@ def format_validation_errors(err: ValidationError) -> list[str]:
             messages.append(f"{path}: {e['msg']} (got {e['input'].get('name')!r})")
             continue
         if e["type"] == "extra_forbidden":
-            allowed = _fields_at(loc[:-1])
+            allowed = _fields_at(loc[:-1], root or Recipe)
             hint = ""
             close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
             if close:
@@ -709,9 +710,9 @@ def _display_path(loc: tuple) -> str:
 _UNION_BRANCH_NAMES = {"str", "SyntheticData", "function-after[_name_or_fn(), RewardSpec]"}
 
 
-def _fields_at(loc: tuple) -> list[str]:
+def _fields_at(loc: tuple, root: type[BaseModel]) -> list[str]:
     """Names allowed at a location of the schema (for did-you-mean)."""
-    model: Any = Recipe
+    model: Any = root
     for part in loc:
         if isinstance(part, int):
             continue

@@ -19,8 +19,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from rlcpm.config import RewardSpec
-from rlcpm.errors import RewardError
+from pydantic import ValidationError
+
+from rlcpm.config import RewardSpec, format_validation_errors
+from rlcpm.errors import RecipeError, RewardError
 from rlcpm.rewards.calling import CallOutcome, call_all, call_maybe_async
 from rlcpm.rewards.registry import (
     RewardFunction,
@@ -58,7 +60,7 @@ class RewardTerm:
 
 def resolve_terms(specs: Sequence[RewardSpec | dict]) -> list[RewardTerm]:
     """Look up names, import `fn` paths, check kwargs against signatures. Labels are made unique."""
-    specs = [spec if isinstance(spec, RewardSpec) else RewardSpec.model_validate(spec) for spec in specs]
+    specs = [_as_spec(spec, index) for index, spec in enumerate(specs)]
     taken = {spec.label for spec in specs}  # a renamed duplicate must not take another term's label
     terms, used = [], set()
     for spec in specs:
@@ -74,6 +76,16 @@ def resolve_terms(specs: Sequence[RewardSpec | dict]) -> list[RewardTerm]:
     if not terms:
         raise RewardError("no rewards configured: add entries under `rewards:` in the recipe")
     return terms
+
+
+def _as_spec(spec: RewardSpec | dict, index: int) -> RewardSpec:
+    """A dict checked as a recipe's `rewards[index]` entry would be (RecipeError with a did-you-mean)."""
+    if isinstance(spec, RewardSpec):
+        return spec
+    try:
+        return RewardSpec.model_validate(spec)
+    except ValidationError as err:
+        raise RecipeError(format_validation_errors(err, RewardSpec), source=f"rewards[{index}]") from None
 
 
 class CombinedReward:

@@ -84,6 +84,18 @@ def test_a_bound_method_registers_as_a_reward():
     assert result.total == 0.5 and result.error is None
 
 
+def test_a_malformed_spec_dict_is_a_recipe_error_with_a_did_you_mean():
+    """CombinedReward.from_specs / RewardPool with a typo in a dict raised pydantic's raw ValidationError."""
+    from rlcpm.errors import RecipeError
+
+    with pytest.raises(
+        RecipeError, match=r"in rewards\[1\]:\n  - wieght: unknown key; did you mean 'weight'\?"
+    ):
+        CombinedReward.from_specs([{"name": "math"}, {"name": "math", "wieght": 2.0}])
+    with pytest.raises(RecipeError, match=r"in rewards\[0\]"):
+        CombinedReward.from_specs(["math"])
+
+
 def test_unknown_name_suggests_the_close_one():
     with pytest.raises(RewardError, match="did you mean 'tool_use'"):
         get_reward("tool_uses")
