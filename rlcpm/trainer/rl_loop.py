@@ -65,6 +65,14 @@ class GRPOTrainer:
         (self.run_dir / "recipe.yaml").write_text(recipe.to_yaml())
         # one CPU per learner rank and rollout worker (RolloutPool, LearnerGroup)
         self.started_ray = ensure_ray(recipe.cluster, recipe.learner.data_parallel + recipe.rollout.workers)
+        try:
+            self._start(resume)
+        except BaseException:  # e.g. wandb online without a key: no actor (nor Ray) outlives the error
+            self.close()
+            raise
+
+    def _start(self, resume: bool) -> None:
+        recipe = self.recipe
         self.model_dir = resolve_model_dir(recipe.model, self.run_dir)
         self._setup_data()
         self._setup_actors()

@@ -532,3 +532,27 @@ def test_rollout_workers_load_the_tokenizer_of_model_tokenizer(ray_session, mode
         assert pool.generate_plain([[5, 17, 301]], eval_sampling_params(recipe, 0.0, 1))[0].token_ids
     finally:
         pool.close()
+
+
+def test_a_run_that_fails_starting_up_releases_its_actors(ray_session, model_dir, tmp_path, monkeypatch):
+    """A start-up error after the actors exist (wandb online without an API key, a checkpoint of
+    another n_samples) left the learner, rollout and reward actors alive, holding their CPUs: in a
+    notebook every retry of `train` added another set, until one waited for CPUs forever."""
+    import time
+
+    import ray
+
+    from rlcpm.errors import RlcpmError
+    from rlcpm.trainer import rl_loop
+
+    def no_wandb(*args, **kwargs):
+        raise RlcpmError("wandb (online): No API key configured")
+
+    free_cpus = ray.available_resources().get("CPU", 0)
+    monkeypatch.setattr(rl_loop, "Monitor", no_wandb)
+    with pytest.raises(RlcpmError, match="API key"):
+        train(make_recipe(model_dir, tmp_path / "run"))
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < free_cpus and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray.available_resources().get("CPU", 0) >= free_cpus
