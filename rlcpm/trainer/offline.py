@@ -58,29 +58,29 @@ def train_offline(recipe: Recipe, resume: bool = False) -> TrainResult:
     (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
 
     learner, owns_ray = _make_learner(recipe, model_dir)
-    checkpoints = run_dir / "checkpoints"
-    start, extra = 0, {}
-    latest = latest_checkpoint(checkpoints) if resume else None
-    if latest is not None:
-        extra = learner.load_checkpoint(latest)
-        start = extra["next_step"]
-        log.info("resumed from %s at step %d", latest, start)
-        if isinstance(algo, SFTConfig) and start >= num_steps:
-            log.warning(
-                "resume: %s is at step %d of the %d this recipe takes: nothing left to train (raise "
-                "algorithm.epochs to continue); the final evaluation and export run again",
-                run_dir,
-                start,
-                num_steps,
-            )
-    elif resume:
-        log.info("no checkpoint under %s: starting from step 0", checkpoints)
-    if isinstance(algo, DPOConfig) and algo.precompute_ref:
-        _attach_reference_logps(learner, items, extra)
+    try:  # from here on an error (a bad checkpoint or eval file) still closes the learner
+        checkpoints = run_dir / "checkpoints"
+        start, extra = 0, {}
+        latest = latest_checkpoint(checkpoints) if resume else None
+        if latest is not None:
+            extra = learner.load_checkpoint(latest)
+            start = extra["next_step"]
+            log.info("resumed from %s at step %d", latest, start)
+            if isinstance(algo, SFTConfig) and start >= num_steps:
+                log.warning(
+                    "resume: %s is at step %d of the %d this recipe takes: nothing left to train (raise "
+                    "algorithm.epochs to continue); the final evaluation and export run again",
+                    run_dir,
+                    start,
+                    num_steps,
+                )
+        elif resume:
+            log.info("no checkpoint under %s: starting from step 0", checkpoints)
+        if isinstance(algo, DPOConfig) and algo.precompute_ref:
+            _attach_reference_logps(learner, items, extra)
 
-    evaluator = _Evaluator.maybe(recipe, tokenizer, model_dir)
-    summary: dict[str, float] = {}
-    try:
+        evaluator = _Evaluator.maybe(recipe, tokenizer, model_dir)
+        summary: dict[str, float] = {}
         with Monitor(
             recipe, run_dir, total_steps=num_steps, wandb_run_id=extra.get("wandb_run_id"),
             start_step=start + 1 if latest is not None else 0,  # the first step this run logs (1-based)

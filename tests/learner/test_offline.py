@@ -395,3 +395,31 @@ def test_offline_evaluation_raises_when_the_engine_refuses_its_requests(tmp_path
     evaluator = _Evaluator.maybe(recipe, load_tokenizer(tiny_model_dir), tiny_model_dir)
     with pytest.raises(TrainingError, match="refused 100 of 100 requests: stop token id 1000000 is outside"):
         evaluator.run(Learner(recipe, model_dir=tiny_model_dir))
+
+
+def test_a_data_parallel_run_that_fails_starting_up_releases_its_learner_ranks(
+    ray_session, tmp_path, tiny_model_dir
+):
+    """An error after the learner ranks started (here a malformed data.eval file, read once
+    they exist) left them to the garbage collector: while the traceback lives (a notebook keeps
+    the last one) they held a CPU each, and a Ray the run started was never shut down."""
+    import time
+
+    from rlcpm.errors import RlcpmError
+
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text('{"prompt": "1+1", "answer": "2"}\nnot json\n')
+    recipe = _sft_recipe(
+        tmp_path / "run",
+        tiny_model_dir,
+        data={"eval": str(eval_file)},
+        algorithm={"name": "sft", "epochs": 0.1, "samples_per_step": 16, "max_seq_len": 64},
+        learner={"data_parallel": 2},
+    )
+    free_cpus = ray_session.available_resources().get("CPU", 0)
+    with pytest.raises(RlcpmError, match="eval.jsonl") as failure:  # kept, as a notebook does
+        train_offline(recipe)
+    deadline = time.monotonic() + 30
+    while ray_session.available_resources().get("CPU", 0) < free_cpus and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray_session.available_resources().get("CPU", 0) >= free_cpus, failure
