@@ -179,6 +179,7 @@ class Drafter:
 
         if num_draft_tokens <= 0:
             raise EngineError(f"speculative num_draft_tokens must be > 0, got {num_draft_tokens}")
+        path = Path(path).expanduser()  # `~` as in model.path
         model = load_model(path, dtype=dtype, device=device)
         _check_same_tokenizer(path, tokenizer)
         subset = None

@@ -322,3 +322,28 @@ def test_a_draft_with_another_tokenizer_is_refused(tiny_dirs, draft_dir, tmp_pat
     save_tokenizer(build_tokenizer(vocab_size=512, seed=1), other)  # same size, other ids
     with pytest.raises(EngineError, match="has another tokenizer than the target"):
         Engine.from_pretrained(str(tiny_dirs["llama"]), dtype="float32", speculative={"draft": str(other)})
+
+
+def test_a_draft_path_may_start_with_a_tilde(tiny_dirs, draft_dir, tmp_path, monkeypatch):
+    """`~` in rollout.speculative.draft, as in model.path: the preflight accepted "~/draft", then
+    every rollout worker failed with "model directory not found: ~/draft" (and a draft with
+    another tokenizer given so was not checked)."""
+    from rlcpm.errors import EngineError
+    from rlcpm.models.tiny import save_tokenizer
+    from rlcpm.models.tiny_tokenizer import build_tokenizer
+
+    monkeypatch.setenv("HOME", str(draft_dir.parent))
+    engine = Engine.from_pretrained(
+        str(tiny_dirs["llama"]),
+        dtype="float32",
+        kv_budget_bytes=4 * 1024**2,
+        speculative={"draft": f"~/{draft_dir.name}"},
+    )
+    assert engine.speculator is not None
+    other = draft_dir.parent / "draft-other-tokenizer-home"
+    shutil.copytree(draft_dir, other)
+    save_tokenizer(build_tokenizer(vocab_size=512, seed=1), other)
+    with pytest.raises(EngineError, match="has another tokenizer than the target"):
+        Engine.from_pretrained(
+            str(tiny_dirs["llama"]), dtype="float32", speculative={"draft": f"~/{other.name}"}
+        )
