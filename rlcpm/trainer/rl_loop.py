@@ -318,9 +318,11 @@ class GRPOTrainer:
         }
 
     def _evaluate(self) -> dict[str, float]:
-        return evaluate(
+        metrics = evaluate(
             self.recipe, self.rollout, self.rewards, self.eval_examples, self.tokenize, self.decode
         )
+        self.rollout.speculation_metrics()  # the evaluation's rounds are not the next step's
+        return metrics
 
     def save_checkpoint(self) -> Path:
         root = self.run_dir / "checkpoints"

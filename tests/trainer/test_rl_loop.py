@@ -556,3 +556,18 @@ def test_a_run_that_fails_starting_up_releases_its_actors(ray_session, model_dir
     while ray.available_resources().get("CPU", 0) < free_cpus and time.monotonic() < deadline:
         time.sleep(0.2)
     assert ray.available_resources().get("CPU", 0) >= free_cpus
+
+
+def test_speculation_metrics_count_the_steps_rollouts_not_the_evaluations(ray_session, model_dir, tmp_path):
+    """rollout/spec_* are over a step's rollout rounds (docs/speculative.md): the evaluation
+    before step 1 and after each step drafted too, and its rounds were logged as the next
+    step's (a step served from buffered groups reported the evaluation's acceptance alone)."""
+    spec = {"rollout.speculative": {"draft": str(model_dir), "num_draft_tokens": 3}}
+
+    def spec_rounds(**overrides):
+        recipe = make_recipe(model_dir, tmp_path / str(len(overrides)), **spec, **overrides)
+        return [row.get("rollout/spec_rounds") for row in train(recipe).history if "train/loss" in row]
+
+    without_eval = spec_rounds(**{"data.eval": None})
+    assert without_eval[0] > 0
+    assert spec_rounds(**{"eval.every_steps": 1, "eval.greedy": True}) == without_eval
