@@ -64,11 +64,12 @@ def task_rows(num: int, seed: int) -> list[dict]:
     from rlcpm.data.synthetic import generate
 
     num_math, num_code = num * 9 // 20, num * 3 // 10
-    rows = (
-        generate("arithmetic", num_math, seed=seed, num_steps=[2, 4], digits=[1, 2])
-        + generate("code", num_code, seed=seed)
-        + generate("tool_use", num - num_math - num_code, seed=seed)
+    shares = (
+        ("arithmetic", num_math, dict(num_steps=[2, 4], digits=[1, 2])),
+        ("code", num_code, {}),
+        ("tool_use", num - num_math - num_code, {}),
     )
+    rows = [row for task, n, options in shares if n for row in generate(task, n, seed=seed, **options)]
     rows = [{"prompt": r["prompt"], "response": r["response"]} for r in rows]
     random.Random(seed).shuffle(rows)
     return rows

@@ -347,3 +347,13 @@ def test_a_draft_path_may_start_with_a_tilde(tiny_dirs, draft_dir, tmp_path, mon
         Engine.from_pretrained(
             str(tiny_dirs["llama"]), dtype="float32", speculative={"draft": f"~/{other.name}"}
         )
+
+
+@pytest.mark.parametrize("num", [1, 2, 3, 16])
+def test_the_benchmark_takes_any_number_of_prompts(num):
+    """`python -m benchmarks.speculative --prompts 2` (a quick run) failed after training with
+    "synthetic option 'num_samples' must be an integer >= 1, got 0": the mixture asked every
+    task for its share, even an empty one."""
+    from benchmarks.speculative import task_rows
+
+    assert len(task_rows(num, seed=7)) == num
