@@ -80,18 +80,24 @@ def check_run_dir(run_dir: Path, resume: bool, total_steps: int | None) -> None:
 
 
 def check_model_source(recipe: Recipe) -> None:
-    """model.path and a speculative draft hold a config.json; the tokenizer directory and the
-    FR-Spec vocabulary file exist."""
+    """model.path and a speculative draft hold a config.json, with one vocabulary size; the
+    tokenizer directory and the FR-Spec vocabulary file exist."""
     from rlcpm.models.checkpoint import read_config
 
     model, speculative = recipe.model, recipe.rollout.speculative
     drafts = [("model.path", model.path), ("rollout.speculative.draft", speculative and speculative.draft)]
+    vocab_sizes = []
     for key, path in drafts:
         if path is not None:
             try:
-                read_config(Path(path).expanduser())
+                vocab_sizes.append(read_config(Path(path).expanduser()).vocab_size)
             except CheckpointError as err:  # directory not found / no config.json / bad JSON
                 raise CheckpointError(f"{key}: {err}") from err
+    if len(vocab_sizes) == 2 and vocab_sizes[0] != vocab_sizes[1]:
+        raise CheckpointError(
+            f"rollout.speculative.draft: its vocabulary has {vocab_sizes[1]} ids, model.path's "
+            f"{vocab_sizes[0]}: a draft must share the target's tokenizer and embedding size"
+        )
     tokenizer = model.tokenizer or model.path
     if tokenizer is not None and not Path(tokenizer).expanduser().is_dir():
         raise DataError(f"model.tokenizer: directory not found: {tokenizer}")

@@ -91,6 +91,17 @@ def test_a_missing_speculative_draft_or_frspec_vocab_is_named_before_ray(tmp_pat
         check_run(recipe(tmp_path, **{"rollout.speculative": missing_vocab}), False)
 
 
+def test_a_draft_with_another_vocabulary_size_is_named_before_ray(tmp_path):
+    """The rollout workers refused it, each with a Ray traceback, once Ray had started."""
+    target = build_tiny_model_dir(tmp_path / "target", hidden_size=16, num_hidden_layers=1)
+    draft = build_tiny_model_dir(tmp_path / "draft", hidden_size=16, num_hidden_layers=1, vocab_size=1024)
+    over = {"model.tiny": None, "model.path": str(target), "rollout.speculative": {"draft": str(draft)}}
+    with pytest.raises(CheckpointError, match="speculative.draft: its vocabulary has 1024 ids, model"):
+        check_run(recipe(tmp_path / "run", **over), False)
+    over["rollout.speculative"] = {"draft": str(target)}
+    check_run(recipe(tmp_path / "run", **over), False)
+
+
 def test_model_path_and_tiny_together_and_a_negative_eval_temperature_are_recipe_errors(tmp_path):
     with pytest.raises(RecipeError, match="not both"):
         recipe(tmp_path, **{"model.path": str(tmp_path)})
