@@ -181,6 +181,8 @@ def _decode_json_field(value: Any, name: str, column: str) -> Any:
         if not isinstance(value, (list, dict)):
             raise RowError(f"column {column!r} (tests) must be a string, a list or an object")
         return value
+    if name == "tools" and isinstance(value, dict) and isinstance(value.get("tools"), list):
+        value = value["tools"]  # an MCP tools/list result
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):

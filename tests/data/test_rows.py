@@ -66,6 +66,15 @@ def test_json_strings_are_decoded_for_messages_tools_calls_and_tests():
     assert row.fields["tests"] == {"fn_name": "f", "inputs": [[1]], "outputs": [2]}
 
 
+def test_tools_given_as_an_mcp_tools_list_result_are_its_list():
+    """{"tools": [...]} (MCP tools/list) is the tools themselves, not one tool without a name:
+    the chat template must list set_timer and the tool_use reward must find its schema."""
+    tools = [{"name": "set_timer", "inputSchema": {"type": "object"}}]
+    for cell in ({"tools": tools}, json.dumps({"tools": tools})):
+        row = parse_row({"prompt": "p", "tools": cell}, DEFAULT)
+        assert row.tools == tools and row.fields["tools"] == tools
+
+
 def test_tests_given_as_python_source_stay_text():
     source = "assert f(1) == 2\nassert f(2) == 3"
     assert parse_row({"prompt": "p", "tests": source}, DEFAULT).fields["tests"] == source
