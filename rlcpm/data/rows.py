@@ -28,6 +28,8 @@ from rlcpm.config import FieldMap
 
 Algorithm = Literal["grpo", "dpo", "sft"]
 JSON_FIELDS = ("tests", "tools", "expected_calls")
+# the list inside an object: an MCP tools/list result, an OpenAI assistant message
+LIST_KEYS = {"tools": "tools", "expected_calls": "tool_calls"}
 PYTHON_REPR_OF_OBJECTS = re.compile(r"\s*\[\{'\w+': ")  # "[{'role': 'user', ..." (JSON has double quotes)
 
 
@@ -181,14 +183,17 @@ def _decode_json_field(value: Any, name: str, column: str) -> Any:
         if not isinstance(value, (list, dict)):
             raise RowError(f"column {column!r} (tests) must be a string, a list or an object")
         return value
-    if name == "tools" and isinstance(value, dict) and isinstance(value.get("tools"), list):
-        value = value["tools"]  # an MCP tools/list result
+    list_key = LIST_KEYS[name]
+    if isinstance(value, dict) and isinstance(value.get(list_key), list) and "name" not in value:
+        value = value[list_key]
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
         raise RowError(f"column {column!r} ({name}) must be a list of objects")
     if name == "expected_calls":
         for index, call in enumerate(value):
+            if isinstance(call.get("function"), dict):  # OpenAI: {"type": "function", "function": {...}}
+                call = call["function"]
             if not isinstance(call.get("name"), str):
                 raise RowError(f"column {column!r}: call [{index}] has no string 'name'")
     return value

@@ -75,6 +75,14 @@ def test_tools_given_as_an_mcp_tools_list_result_are_its_list():
         assert row.tools == tools and row.fields["tools"] == tools
 
 
+def test_expected_calls_in_openai_tool_calls_form_are_accepted():
+    """An assistant message's `tool_calls` (wrapped in "function", arguments as JSON text), as
+    OpenAI-format datasets store the gold calls: the tool_use reward reads them, so must the loader."""
+    calls = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}]
+    for cell in (calls, {"tool_calls": calls}, json.dumps({"role": "assistant", "tool_calls": calls})):
+        assert parse_row({"prompt": "p", "expected_calls": cell}, DEFAULT).fields["expected_calls"] == calls
+
+
 def test_tests_given_as_python_source_stay_text():
     source = "assert f(1) == 2\nassert f(2) == 3"
     assert parse_row({"prompt": "p", "tests": source}, DEFAULT).fields["tests"] == source
