@@ -67,7 +67,7 @@ def evaluate(
         outputs = check_not_refused(rollout_pool.generate_plain(prompts, params))
         samples = [
             Sample(
-                id=f"eval{i}",
+                id=ex.id,
                 prompt=ex.prompt,
                 response=decode(out.token_ids),
                 messages=ex.messages,
@@ -77,7 +77,7 @@ def evaluate(
                 fields=dict(ex.fields),
                 finish_reason=out.finish_reason,
             )
-            for i, (ex, prompt, out) in enumerate(zip(examples, prompts, outputs))
+            for ex, prompt, out in zip(examples, prompts, outputs)
         ]
         results = reward_pool.score(samples)
         found = reward_metrics(results, labels, prefix=prefix)

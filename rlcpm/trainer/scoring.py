@@ -16,11 +16,12 @@ CORRECT_THRESHOLD = 0.5
 
 
 def to_samples(group: Group, decode) -> list[Sample]:
-    """What the rewards see of a group's responses."""
+    """What the rewards see of a group's responses. Ids are `<example id>/<trajectory id>`: a
+    reward's error leads to the dataset row, and each response of each draw has its own id."""
     ex = group.example
     return [
         Sample(
-            id=traj.traj_id,
+            id=f"{ex.id}/{traj.traj_id}",
             prompt=ex.prompt,
             response=decode(traj.response_token_ids),
             messages=ex.messages,

@@ -238,3 +238,38 @@ def test_dynamic_sampling_judges_correctness_before_the_overlong_penalty():
     assert not passes_dynamic_sampling(group)
     attach_rewards(group, [RewardResult(v, {"math": v}) for v in (1.0, 1.0, 0.0)], algo, rollout)
     assert passes_dynamic_sampling(group)
+
+
+def test_reward_errors_name_the_dataset_row_of_the_failed_sample():
+    """A reward's error names `sample.id`: in training and evaluation it must lead to the dataset
+    row, not only to an internal trajectory id ('g0.1') or position ('eval0')."""
+    from rlcpm.data import Example
+    from rlcpm.rewards import CombinedReward
+    from rlcpm.trainer.evaluation import evaluate
+    from rlcpm.trainer.scoring import to_samples
+
+    example = Example(
+        id="tools.jsonl:42", prompt="p", fields={"tools": [{"no": "name"}], "expected_calls": []}
+    )
+    stream = PromptStream([example], seed=3)
+    sched = ChunkScheduler(stream, lambda ex: [1], n_samples=2, max_new_tokens=10, chunk_tokens=None, seed=0)
+    sched.top_up(1)
+    (group,) = fake_round(sched, {"g0.0": 3, "g0.1": 3}, version=0)
+    reward = CombinedReward.from_specs([{"name": "tool_use"}])
+    samples = to_samples(group, lambda ids: "no call")
+    assert len({s.id for s in samples}) == 2
+    assert all("'tools.jsonl:42" in r.error for r in reward.score(samples))
+
+    scored = []
+    pool = SimpleNamespace(terms=reward.terms, score=lambda s: scored.extend(s) or reward.score(s))
+    output = SimpleNamespace(token_ids=[5], finish_reason="stop")
+    rollout = SimpleNamespace(generate_plain=lambda prompts, params: [output] * len(prompts))
+    recipe = SimpleNamespace(
+        eval=SimpleNamespace(num_prompts=1, temperature=0.0, greedy=False),
+        rollout=SimpleNamespace(
+            max_new_tokens=4, temperature=1.0, top_p=1.0, top_k=-1, stop=[], stop_token_ids=[]
+        ),
+        seed=0,
+    )
+    evaluate(recipe, rollout, pool, [example], lambda ex: [1], lambda ids: "no call")
+    assert [s.id for s in scored] == ["tools.jsonl:42"]
