@@ -59,10 +59,11 @@ class RewardTerm:
 
 
 def resolve_terms(specs: Sequence[RewardSpec | dict]) -> list[RewardTerm]:
-    """Look up names, import `fn` paths, check kwargs against signatures. Labels are made unique."""
+    """Look up names, import `fn` paths, check kwargs against signatures. Labels are made unique
+    (`name_2`, ...), and a term named `total` is labelled `total_2`."""
     specs = [_as_spec(spec, index) for index, spec in enumerate(specs)]
     taken = {spec.label for spec in specs}  # a renamed duplicate must not take another term's label
-    terms, used = [], set()
+    terms, used = [], {"total"}  # reward/total_mean is the weighted total's (summarize): never a term's
     for spec in specs:
         function = get_reward(spec.name) if spec.name else as_reward_function(import_function(spec.fn))
         label, n = spec.label, 1

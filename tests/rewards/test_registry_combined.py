@@ -347,3 +347,14 @@ def test_labels_stay_unique_when_a_name_looks_like_a_renamed_duplicate():
     (result,) = CombinedReward(terms).score(_samples("x"))
     assert sorted(result.components.values()) == [1.0, 1.0, 5.0]
     assert result.total == pytest.approx(sum(result.components.values()))
+
+
+def test_a_reward_named_total_does_not_hide_the_weighted_total():
+    """reward/total_mean is the weighted total's mean; a term labelled `total` (fn: pkg:total)
+    logged its own mean under that key and replaced it."""
+    if "total" not in registered_rewards():
+        rlcpm.reward("total")(lambda sample: 1.0)
+    terms = resolve_terms([{"name": "total", "weight": 0.5}, {"name": "format"}])
+    assert "total" not in [t.label for t in terms]
+    metrics = summarize(CombinedReward(terms).score(_samples("no think tags")))
+    assert metrics["reward/total_mean"] == 0.5
