@@ -624,10 +624,19 @@ def parse_override(item: str) -> tuple[str, Any]:
     if not key or any(not part for part in key.split(".")):
         raise RecipeError([f"override {item!r}: bad key path {key!r}"])
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = _yaml_value(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
     return key, _coerce_number(value)
+
+
+def _yaml_value(text: str) -> Any:
+    """A command-line value read as YAML, except that `#` is text there, not a comment
+    (`data.system_prompt=Answer #1` would be 'Answer', `...=#` null)."""
+    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    if node is None or node.end_mark.index < len(text.rstrip()):  # a comment was skipped
+        return text.strip()
+    return yaml.safe_load(text)
 
 
 _FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")

@@ -307,3 +307,11 @@ def test_overlong_penalty_buffer_must_fit_in_max_new_tokens(tmp_path):
     assert "buffer_tokens (256) must be <= rollout.max_new_tokens (64)" in str(excinfo.value)
     recipe = load_recipe(path, ["algorithm.overlong_penalty={buffer_tokens: 64}", "rollout.max_new_tokens=64"])
     assert recipe.algorithm.overlong_penalty.buffer_tokens == 64
+
+
+@pytest.mark.parametrize("text", ["Answer #1 only", "#", "[a, b] # two stops"])
+def test_hash_in_an_override_value_is_text_not_a_comment(text):
+    """YAML reads ` #...` as a comment: `data.system_prompt=Answer #1 only` became 'Answer', and
+    `data.system_prompt=#` became null, without a word."""
+    assert parse_override(f"data.system_prompt={text}") == ("data.system_prompt", text)
+    assert parse_override("a='x #y'") == ("a", "x #y")  # a quoted value is YAML as before
