@@ -577,8 +577,13 @@ def _load_with_extends(path: Path, seen: tuple[Path, ...]) -> dict:
     parents = loaded.pop("extends", None)
     if parents is None:
         return loaded
+    parents = [parents] if isinstance(parents, str) else parents
+    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+        raise RecipeError(
+            [f"`extends` must be a file name or a list of file names, got {parents!r}"], source=str(path)
+        )
     merged: dict = {}
-    for parent in [parents] if isinstance(parents, str) else list(parents):
+    for parent in parents:
         merged = deep_merge(merged, _load_with_extends(path.parent / parent, (*seen, resolved)))
     return deep_merge(merged, loaded)
 

@@ -315,3 +315,11 @@ def test_hash_in_an_override_value_is_text_not_a_comment(text):
     `data.system_prompt=#` became null, without a word."""
     assert parse_override(f"data.system_prompt={text}") == ("data.system_prompt", text)
     assert parse_override("a='x #y'") == ("a", "x #y")  # a quoted value is YAML as before
+
+
+@pytest.mark.parametrize("parents", ["5", "[a.yaml, null]", "{a.yaml: 1}"])
+def test_extends_that_is_not_file_names_is_reported(tmp_path, parents):
+    """`extends: 5` or a null in its list crashed with a TypeError; a mapping's keys were read as files."""
+    write(tmp_path, "a.yaml", MINIMAL)
+    with pytest.raises(RecipeError, match="`extends` must be a file name or a list of file names"):
+        load_recipe(write(tmp_path, "c.yaml", f"extends: {parents}\n"))
