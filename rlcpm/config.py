@@ -514,7 +514,11 @@ class Recipe(Section):
         return self
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        """The resolved recipe, which loads back to the same run: model.sparse_attention keeps only
+        the keys set (the others are the checkpoint's, not the defaults shown by the schema)."""
+        resolved = self.model_dump(mode="json")
+        resolved["model"]["sparse_attention"] = self.model.sparse_config_override()
+        return yaml.safe_dump(resolved, sort_keys=False)
 
 
 # ---------------------------------------------------------------------------------------- loading

@@ -323,3 +323,13 @@ def test_extends_that_is_not_file_names_is_reported(tmp_path, parents):
     write(tmp_path, "a.yaml", MINIMAL)
     with pytest.raises(RecipeError, match="`extends` must be a file name or a list of file names"):
         load_recipe(write(tmp_path, "c.yaml", f"extends: {parents}\n"))
+
+
+def test_resolved_recipe_keeps_the_checkpoints_sparse_attention_keys(tmp_path):
+    """Keys left out of model.sparse_attention are the checkpoint's: the resolved YAML (a run's
+    recipe.yaml, `rlcpm validate`) wrote MiniCPM4's defaults for them, so running it again
+    overrode the checkpoint's sparse_config."""
+    recipe = load_recipe(write(tmp_path, "r.yaml", MINIMAL), ["model.sparse_attention={topk: 8}"])
+    again = load_recipe(write(tmp_path, "again.yaml", recipe.to_yaml()))
+    assert again.model.sparse_config_override() == recipe.model.sparse_config_override() == {"topk": 8}
+    assert again == recipe
