@@ -515,9 +515,12 @@ class Recipe(Section):
 
     def to_yaml(self) -> str:
         """The resolved recipe, which loads back to the same run: model.sparse_attention keeps only
-        the keys set (the others are the checkpoint's, not the defaults shown by the schema)."""
+        the keys set (the others are the checkpoint's, not the defaults shown by the schema), and an
+        unset logging.wandb.mode stays unset ($WANDB_MODE decides, rlcpm.monitor.wandb_mode)."""
         resolved = self.model_dump(mode="json")
         resolved["model"]["sparse_attention"] = self.model.sparse_config_override()
+        if "mode" not in self.logging.wandb.model_fields_set:
+            del resolved["logging"]["wandb"]["mode"]
         return yaml.safe_dump(resolved, sort_keys=False)
 
 

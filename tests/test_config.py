@@ -333,3 +333,16 @@ def test_resolved_recipe_keeps_the_checkpoints_sparse_attention_keys(tmp_path):
     again = load_recipe(write(tmp_path, "again.yaml", recipe.to_yaml()))
     assert again.model.sparse_config_override() == recipe.model.sparse_config_override() == {"topk": 8}
     assert again == recipe
+
+
+def test_resolved_recipe_leaves_wandb_mode_to_wandb_mode_env_when_unset(tmp_path, monkeypatch):
+    """An unset logging.wandb.mode defers to $WANDB_MODE: the resolved YAML wrote `mode: offline`,
+    so running a run's recipe.yaml again ignored WANDB_MODE=online."""
+    from rlcpm.monitor import wandb_mode
+
+    monkeypatch.setenv("WANDB_MODE", "online")
+    recipe = load_recipe(write(tmp_path, "r.yaml", MINIMAL))
+    again = load_recipe(write(tmp_path, "again.yaml", recipe.to_yaml()))
+    assert wandb_mode(again.logging.wandb) == wandb_mode(recipe.logging.wandb) == "online"
+    chosen = load_recipe(write(tmp_path, "r.yaml", MINIMAL), ["logging.wandb.mode=offline"])
+    assert wandb_mode(load_recipe(write(tmp_path, "again.yaml", chosen.to_yaml())).logging.wandb) == "offline"
