@@ -521,7 +521,7 @@ class Recipe(Section):
         resolved["model"]["sparse_attention"] = self.model.sparse_config_override()
         if "mode" not in self.logging.wandb.model_fields_set:
             del resolved["logging"]["wandb"]["mode"]
-        return yaml.safe_dump(resolved, sort_keys=False)
+        return yaml.dump(resolved, Dumper=_RecipeDumper, sort_keys=False)
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -616,6 +616,20 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+class _RecipeDumper(yaml.SafeDumper):
+    """safe_dump, quoting the strings that `_UniqueKeyLoader` reads as numbers (Recipe.to_yaml)."""
+
+
+# YAML 1.1 reads `1e-5` and `1.5e3` (no dot, or no exponent sign) as strings; recipes mean the number,
+# in untyped mappings too (a reward's kwargs, a synthetic task's options)
+for _yaml_class in (_UniqueKeyLoader, _RecipeDumper):
+    _yaml_class.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"),
+        list("+-0123456789."),
+    )
+
+
 def deep_merge(base: dict, update: dict) -> dict:
     """Mappings merge key by key (recursively); any other value in `update` replaces the base's."""
     out = dict(base)
@@ -637,28 +651,20 @@ def parse_override(item: str) -> tuple[str, Any]:
         raise RecipeError([f"override {item!r}: bad key path {key!r}"])
     try:
         value = _yaml_value(text) if text.strip() else ""
+    except _DuplicateKeyError as err:
+        raise RecipeError([f"override {item!r}: {err}"]) from err
     except yaml.YAMLError:
         value = text
-    return key, _coerce_number(value)
+    return key, value
 
 
 def _yaml_value(text: str) -> Any:
     """A command-line value read as YAML, except that `#` is text there, not a comment
     (`data.system_prompt=Answer #1` would be 'Answer', `...=#` null)."""
-    node = yaml.compose(text, Loader=yaml.SafeLoader)
+    node = yaml.compose(text, Loader=_UniqueKeyLoader)
     if node is None or node.end_mark.index < len(text.rstrip()):  # a comment was skipped
         return text.strip()
-    return yaml.safe_load(text)
-
-
-_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
-
-
-def _coerce_number(value: Any) -> Any:
-    """YAML 1.1 reads `1e-5` as a string; recipes mean the number."""
-    if isinstance(value, str) and _FLOAT.match(value.strip()):
-        return float(value)
-    return value
+    return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
 def set_dotted(tree: dict, key: str, value: Any) -> None:

@@ -346,3 +346,19 @@ def test_resolved_recipe_leaves_wandb_mode_to_wandb_mode_env_when_unset(tmp_path
     assert wandb_mode(again.logging.wandb) == wandb_mode(recipe.logging.wandb) == "online"
     chosen = load_recipe(write(tmp_path, "r.yaml", MINIMAL), ["logging.wandb.mode=offline"])
     assert wandb_mode(load_recipe(write(tmp_path, "again.yaml", chosen.to_yaml())).logging.wandb) == "offline"
+
+
+def test_exponent_without_dot_is_a_number_inside_kwargs_and_options(tmp_path):
+    """YAML 1.1 reads `1e-6` as a string: the typed fields convert it, but a reward's kwargs and a
+    synthetic task's options are untyped, so a user reward got tol='1e-6' (file or override)."""
+    text = MINIMAL.replace("{name: math}", "{name: math, kwargs: {tol: 1e-6, n: 2, tag: v1e5}}")
+    recipe = load_recipe(
+        write(tmp_path, "r.yaml", text), ["data.train={task: arithmetic, options: {p: 5E+2}}"]
+    )
+    assert recipe.rewards[0].kwargs == {"tol": 1e-6, "n": 2, "tag": "v1e5"}
+    assert recipe.data.train.options == {"p": 500.0}
+    recipe = load_recipe(
+        write(tmp_path, "r.yaml", MINIMAL), ["logging.wandb.name='1e3'", "data.system_prompt='2E-1'"]
+    )
+    again = load_recipe(write(tmp_path, "again.yaml", recipe.to_yaml()))
+    assert (again.logging.wandb.name, again.data.system_prompt) == ("1e3", "2E-1")  # quoted: text
