@@ -705,6 +705,12 @@ def format_validation_errors(err: ValidationError, root: type[BaseModel] | None 
             messages.append(f"{path}: unknown key{hint}")
             continue
         msg = e["msg"]
+        if e["type"] == "missing" and loc and isinstance(loc[-1], int):  # a short tuple, e.g. betas
+            parent = _display_path(loc[:-1])
+            messages.append(
+                f"{parent}: too few items, item [{loc[-1]}] is missing (got {_short(e['input'])})"
+            )
+            continue
         if e["type"] == "missing":
             messages.append(f"{path}: required key is missing")
             continue

@@ -190,6 +190,11 @@ def test_missing_required_sections(tmp_path):
         ("learner.lora={targets: [q_proj, lm_head]}", "lm_head cannot carry an adapter"),
         ("rewards=[{name: math, weight: .nan}]", "rewards[0].weight: Input should be a finite number"),
         ("rollout.temperature=inf", "rollout.temperature: Input should be a finite number"),
+        # was "betas[1]: required key is missing"
+        (
+            "learner.optimizer.betas=[0.9]",
+            "learner.optimizer.betas: too few items, item [1] is missing (got [0.9])",
+        ),
         ("algorithm.eps_high=inf", "algorithm.eps_high: Input should be a finite number"),
         (
             "algorithm={name: dpo, loss_type: ipo, label_smoothing: 0.1}",
