@@ -20,6 +20,7 @@ import random
 import time
 from collections.abc import Iterable
 from collections.abc import Sequence as SequenceABC
+from math import isfinite
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +163,13 @@ class Engine:
         if kv_budget_gb is not None:
             if kv_budget_bytes is not None:
                 raise EngineError("give kv_budget_bytes or kv_budget_gb, not both")
+            if not (isinstance(kv_budget_gb, numbers.Real) and isfinite(kv_budget_gb)):
+                raise EngineError(
+                    f"kv_budget_gb must be a finite number or None (automatic), got {kv_budget_gb!r}"
+                )
             kv_budget_bytes = int(kv_budget_gb * 1024**3)
+        elif kv_budget_bytes is not None and not isinstance(kv_budget_bytes, numbers.Integral):
+            raise EngineError(f"kv_budget_bytes must be an int or None (automatic), got {kv_budget_bytes!r}")
         if kv_budget_bytes is None:
             wanted = max_num_seqs * -(-max_model_len // block_size) * bytes_per_block
             kv_budget_bytes = min(wanted, _default_kv_budget_bytes(self.device))

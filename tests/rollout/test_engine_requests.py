@@ -181,6 +181,25 @@ def test_two_kv_budgets_are_refused(make_engine):
         make_engine("llama", kv_budget_bytes=1 << 20, kv_budget_gb=0.5)
 
 
+@pytest.mark.parametrize(
+    "budget",
+    [
+        {"kv_budget_gb": float("nan")},
+        {"kv_budget_gb": float("inf")},
+        {"kv_budget_gb": "2"},
+        {"kv_budget_bytes": 1e6},
+    ],
+    ids=["gb-nan", "gb-inf", "gb-str", "bytes-float"],
+)
+def test_a_malformed_kv_budget_is_refused_with_its_name(budget, make_engine):
+    """It used to surface as a bare ValueError / OverflowError / TypeError from deep inside."""
+    from rlcpm.errors import EngineError
+
+    name = next(iter(budget))
+    with pytest.raises(EngineError, match=f"{name} must be"):
+        make_engine("llama", **{"kv_budget_bytes": None, **budget})
+
+
 def test_a_failed_forward_leaves_no_unwritten_blocks_in_the_prefix_cache(make_engine, monkeypatch):
     """The blocks a step registers for prefix sharing get their KV from that step's forward:
     when the forward fails (out of memory, an interrupt), a later request with the same prompt
