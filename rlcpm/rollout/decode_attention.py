@@ -16,9 +16,11 @@ decoding is copied into a free row from the paged cache (one gather for all laye
 newcomers); a sequence that stops decoding frees its row, and the last rows move into the
 freed ones (a copy of the moved rows only), so the rows in use are always 0..S-1; the rows of
 sequences that keep decoding are never copied. The mirror grows when needed (old contents
-copied): rows to the batch size, capacity by 1.5x (at most the cache's slots). Queries are
+copied): rows to the batch size, capacity by 1.5x (within the bound below). Queries are
 permuted into row order when it differs from the batch order. Sequences with more than one new token (prefill chunks) in the same step go through
-the dense paged path unchanged. Costs one extra copy of the decoding batch's KV.
+the dense paged path unchanged. Costs one extra copy of the decoding batch's KV, each row
+padded to the longest context, and never more than twice the paged cache's bytes: a step whose
+rows would need more (a long sequence beside many short ones) decodes from the paged cache.
 
 Attention per decoding sequence s and query head h (KV head h // G, G = Hq / Hkv):
 
@@ -71,7 +73,10 @@ def split_rows(row_lens: list[int], max_ranges: int = 4, min_saving: float = 0.1
             break
         start, end = ranges[index]
         ranges[index : index + 1] = [(start, start + split), (start + split, end)]
-        best[index : index + 1] = [_best_split(row_lens[start : start + split]), _best_split(row_lens[start + split : end])]
+        best[index : index + 1] = [
+            _best_split(row_lens[start : start + split]),
+            _best_split(row_lens[start + split : end]),
+        ]
     return ranges
 
 
@@ -126,9 +131,11 @@ class MirroredDecodeAttention(DenseAttention):
             return
         context_after = meta.context_lens[:num_decode].tolist()
         context_before = [n - 1 for n in context_after]
-        rows, loads, moves = self._assign_rows(row_keys, context_before)
         max_context = max(context_after)
-        self._ensure_size(kv_cache, num_decode, max_context)
+        if not self._ensure_size(kv_cache, num_decode, max_context):
+            self.num_decode = 0  # too many slots to mirror: this step decodes from the paged cache
+            return
+        rows, loads, moves = self._assign_rows(row_keys, context_before)
         if moves:
             self._move_rows(moves)
         if loads:
@@ -188,27 +195,38 @@ class MirroredDecodeAttention(DenseAttention):
             rows[index] = next(free)  # sorted by length when a batch starts decoding (split_rows)
         return rows, loads, moves
 
-    def _ensure_size(self, kv_cache: PagedKVCache, num_rows: int, max_context: int) -> None:
+    def _ensure_size(self, kv_cache: PagedKVCache, num_rows: int, max_context: int) -> bool:
+        """Room for num_rows rows of max_context keys, in at most twice the paged cache's bytes
+        (rows are padded to the longest context: a long sequence beside many short ones would
+        take many times the KV budget). False, the mirror unchanged, when they do not fit."""
+        mirror_dtype = torch.promote_types(kv_cache.dtype, torch.float32)
+        limit = 2 * kv_cache.num_slots * kv_cache.dtype.itemsize // mirror_dtype.itemsize  # slots
+        if num_rows * max_context > limit:
+            return False
         mirror = self.mirror
         if mirror is not None and mirror.shape[2] >= num_rows and mirror.shape[4] >= max_context:
-            return
+            return True
         old_rows, old_capacity = (0, 0) if mirror is None else (mirror.shape[2], mirror.shape[4])
+        if old_rows * max_context > limit:  # the old rows, this long, would not fit: start afresh
+            self.mirror = mirror = None  # (every row loads again)
+            old_rows, self.row_of, self.row_lens = 0, {}, []
         rows = max(num_rows, old_rows)
         capacity = old_capacity
         if max_context > old_capacity:
             capacity = _round_up(max(max_context, int(old_capacity * _GROWTH)), _CAPACITY_STEP)
-            capacity = min(capacity, max(_round_up(kv_cache.num_slots, _CAPACITY_STEP), max_context))
+        capacity = max(min(capacity, limit // rows), max_context)
         # zeros, not empty: keys past a row's context are masked, but softmax(scores) @ V still
         # multiplies them by 0, and 0 * NaN from uninitialised memory would poison the output
         new = kv_cache.storage.new_zeros(
             2, kv_cache.num_layers, rows, kv_cache.num_kv_heads, capacity, kv_cache.head_dim,
-            dtype=torch.promote_types(kv_cache.dtype, torch.float32),
+            dtype=mirror_dtype,
         )  # fmt: skip
-        if mirror is not None and self.row_lens:
-            used, length = len(self.row_lens), max(self.row_lens)
+        if mirror is not None and self.row_lens:  # rows longer than capacity are not decoding now
+            used, length = len(self.row_lens), min(max(self.row_lens), capacity)
             new[:, :, :used, :, :length].copy_(mirror[:, :, :used, :, :length])
         self.mirror = new
         self.num_grows += 1
+        return True
 
     def _move_rows(self, moves: list[tuple[int, int]]) -> None:
         sources, targets = zip(*moves)
@@ -271,7 +289,9 @@ class MirroredDecodeAttention(DenseAttention):
         if not self._is_identity:
             q_rows = torch.empty_like(q_new).index_copy_(0, self._row_index, q_new)
         outs = [
-            self._attend_rows(q_rows[start:end], k_rows[start:end, :, :length], v_rows[start:end, :, :length], hidden)
+            self._attend_rows(
+                q_rows[start:end], k_rows[start:end, :, :length], v_rows[start:end, :, :length], hidden
+            )
             for start, end, length, hidden in self._ranges
         ]
         out = outs[0] if len(outs) == 1 else torch.cat(outs)

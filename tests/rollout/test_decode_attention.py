@@ -78,3 +78,28 @@ def test_rows_of_very_different_lengths_attend_in_ranges_with_the_plain_results(
         torch.testing.assert_close(
             torch.tensor(with_mirror.logprobs), torch.tensor(plain.logprobs), rtol=0, atol=1e-5
         )
+
+
+def test_the_mirror_never_takes_more_than_twice_the_paged_cache(make_engine, prompts):
+    """Rows are padded to the longest context: one long sequence beside many short ones used to
+    grow the mirror to rows x longest (here 16 x 256 slots beside a 640-slot cache, ~6x the KV
+    budget). A batch that would not fit decodes from the paged cache instead."""
+    batch = prompts(n=1, seed=18, min_len=200, max_len=200) + prompts(n=15, seed=19, min_len=3, max_len=6)
+    params = [
+        SamplingParams(max_new_tokens=n, temperature=1.0, seed=0, ignore_eos=True) for n in [4] + [12] * 15
+    ]
+    outputs = {}
+    for mirror in (True, False):
+        engine = make_engine(
+            "llama", max_num_seqs=16, kv_budget_bytes=40 * 8192, decode_mirror=mirror
+        )  # 40 blocks of 16 slots
+        outputs[mirror] = engine.generate(batch, params)
+        if mirror:
+            backend, num_slots = engine.runner.decode_backend, engine.kv_cache.num_slots
+            assert backend.mirror.shape[2] * backend.mirror.shape[4] <= 2 * num_slots  # float32 both
+            assert num_slots == 640 and backend.num_row_loads == 15  # once the long one has left
+    for with_mirror, plain in zip(outputs[True], outputs[False]):
+        assert with_mirror.token_ids == plain.token_ids
+        torch.testing.assert_close(
+            torch.tensor(with_mirror.logprobs), torch.tensor(plain.logprobs), rtol=0, atol=1e-5
+        )
