@@ -178,7 +178,13 @@ class Engine:
             raise EngineError(
                 f"kv budget of {kv_budget_bytes} bytes is smaller than one KV block ({bytes_per_block} bytes)"
             )
-        self.max_model_len = min(max_model_len, num_blocks * block_size)
+        cache_tokens = num_blocks * block_size
+        self.max_model_len = min(max_model_len, cache_tokens)
+        self._context_note = (  # a refusal says so when the KV budget, not the model, sets the context
+            f" (the KV cache holds {cache_tokens} tokens: set a larger kv_budget_gb or kv_budget_bytes)"
+            if cache_tokens < max_model_len
+            else ""
+        )
         self.kv_cache = model.new_kv_cache(num_blocks, block_size)
         self.block_manager = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(
@@ -325,7 +331,7 @@ class Engine:
         if len(prompt) + len(previous) >= self.max_model_len:
             raise RequestError(
                 f"request {request.request_id!r}: {len(prompt) + len(previous)} prompt + earlier tokens leave "
-                f"no room in the context of {self.max_model_len} tokens"
+                f"no room in the context of {self.max_model_len} tokens{self._context_note}"
             )
         if len(previous) >= params.max_new_tokens:
             raise RequestError(

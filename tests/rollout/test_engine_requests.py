@@ -174,6 +174,17 @@ def test_engine_sizes_below_one_are_refused_at_construction(setting, make_engine
             make_engine("llama", max_model_len=-5)
 
 
+def test_a_prompt_longer_than_the_kv_cache_is_refused_naming_the_kv_budget(make_engine):
+    """The model takes 256 tokens but a 4-block cache only 64: the refusal used to speak of a
+    64-token context only, which no setting of the user's says."""
+    engine = make_engine("llama", kv_budget_bytes=4 * 8192)
+    long, short = engine.generate([[1] * 100, [1, 2, 3]], OK)
+    assert long.finish_reason == "aborted" and short.finish_reason == "length"
+    assert "context of 64 tokens" in long.error
+    assert "the KV cache holds 64 tokens" in long.error and "kv_budget" in long.error
+    assert "KV cache" not in make_engine("llama").generate([[1] * 256], OK)[0].error  # the model's limit
+
+
 def test_two_kv_budgets_are_refused(make_engine):
     from rlcpm.errors import EngineError
 
