@@ -342,8 +342,12 @@ class Engine:
             raise RequestError(
                 f"request {request.request_id!r}: stop strings need an engine with a tokenizer"
             )
-        if max_chunk_tokens is not None and max_chunk_tokens <= 0:
-            raise RequestError(f"max_chunk_tokens must be > 0 or None, got {max_chunk_tokens}")
+        if max_chunk_tokens is not None and (
+            isinstance(max_chunk_tokens, bool)
+            or not isinstance(max_chunk_tokens, numbers.Integral)
+            or max_chunk_tokens <= 0
+        ):
+            raise RequestError(f"max_chunk_tokens must be an int > 0 or None, got {max_chunk_tokens!r}")
 
     # ---------------------------------------------------------------------------------- step
 

@@ -62,8 +62,9 @@ def test_malformed_calls_raise(make_engine):
         engine.generate([[1, 2]], [OK, OK])
     outs = engine.generate([Request("a", [1, 2], OK), Request("a", [3], OK)])
     assert outs[0].finish_reason == "length" and "appears twice" in outs[1].error
-    outs = engine.generate([[1, 2]], OK, max_chunk_tokens=0)
-    assert "max_chunk_tokens" in outs[0].error
+    for max_chunk_tokens in (0, 2.5, "4", True):  # 2.5 used to generate 3 tokens, "4" to raise a TypeError
+        outs = engine.generate([[1, 2]], OK, max_chunk_tokens=max_chunk_tokens)
+        assert outs[0].finish_reason == "aborted" and "max_chunk_tokens must be" in outs[0].error
     # one prompt not wrapped in a list, or text instead of token ids
     for prompts in ([1, 2, 3], torch.tensor([1, 2, 3]), "a prompt", ["a prompt"]):
         with pytest.raises(RequestError, match="generate takes a list of prompts, each a list of token ids"):
