@@ -38,7 +38,7 @@ class BlockManager:
         self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.key_to_block_id: dict[int, int] = {}
         self.block_keys: dict[int, list[int]] = {}  # seq_id -> chain keys of its full blocks
-        self.num_prefix_hits = 0  # blocks reused from the prefix cache since the start
+        self.num_prefix_hits = 0  # blocks reused by admitted sequences (the scheduler counts them)
 
     @property
     def num_blocks(self) -> int:
@@ -82,7 +82,6 @@ class BlockManager:
             seq.block_table.append(block_id)
             keys.append(key)
             parent = key
-        self.num_prefix_hits += len(seq.block_table)
         seq.num_computed_tokens = len(seq.block_table) * self.block_size
         return seq.num_computed_tokens
 

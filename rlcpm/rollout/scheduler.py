@@ -138,8 +138,9 @@ class Scheduler:
         num_running = len(seqs)
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            num_shared_blocks = 0
             if not seq.block_table:
-                bm.share_cached_prefix(seq)
+                num_shared_blocks = bm.share_cached_prefix(seq) // bm.block_size
                 seq.num_cached_prompt_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
             num_tokens = min(len(seq) - seq.num_computed_tokens, budget)
             while not bm.can_reserve(seq, self._num_slots(seq, num_tokens)):
@@ -148,6 +149,7 @@ class Scheduler:
             if not bm.can_reserve(seq, self._num_slots(seq, num_tokens)):
                 bm.free(seq)
                 break
+            bm.num_prefix_hits += num_shared_blocks  # not on a try that gave them back
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

@@ -86,3 +86,24 @@ def test_paused_kv_is_reclaimed_before_anything_is_preempted():
     batch, _ = _step(scheduler)  # needs 3 blocks, 2 are free: the paused KV goes
     assert batch.seqs == [runner] and not scheduler.paused and paused.block_table == []
     assert scheduler.num_preemptions == 0
+
+
+def test_prefix_hits_count_the_blocks_of_admitted_sequences_only():
+    """A waiting sequence takes its cached prefix at every admission try; a try that finds too
+    few free blocks hands them back, and used to count them as hits all the same."""
+    bm = BlockManager(6, 4)
+    scheduler = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=100, max_model_len=24)
+    scheduler.add(_seq(0, 8, max_new_tokens=1))  # two full blocks, cached once it finishes
+    _step(scheduler)
+    runner = _seq(1, 16, max_new_tokens=4)
+    waiter = Sequence(
+        2, Request(2, [1] * 8 + [3] * 4), SamplingParams(max_new_tokens=1, ignore_eos=True), 0, 4
+    )
+    scheduler.add(runner)
+    scheduler.add(waiter)
+    tries = 0
+    while waiter.status is SequenceStatus.WAITING:
+        _step(scheduler)
+        tries += 1
+    assert tries > 1  # it waited for the runner's blocks
+    assert bm.num_prefix_hits == waiter.num_cached_prompt_tokens // 4
