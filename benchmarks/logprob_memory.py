@@ -5,8 +5,8 @@
 
 Each (device, method) runs in its own subprocess, so one method's allocator state never
 colours the other's. Memory is the peak during forward + backward above what was allocated
-before it (hidden states, LM head weight, targets): on CPU the growth of ru_maxrss, on CUDA
-torch.cuda.max_memory_allocated. Methods:
+before it (hidden states, LM head weight, targets): on CPU the peak resident memory (VmHWM, reset
+first) above the resident memory at the start, on CUDA torch.cuda.max_memory_allocated. Methods:
 
     naive     log_softmax(h W^T) in float32 over the whole [N, V], gather, autograd backward
     chunked   rlcpm.learner.logprobs.target_logprobs (log-probs AND entropies), `--chunk` rows of
@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -55,14 +54,14 @@ def run_child(method: str, device: str, tokens: int, vocab: int, hidden: int, ch
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
     else:
-        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        baseline = _reset_peak_rss()
     started = time.perf_counter()
     logprobs = forward_backward()
     if device == "cuda":
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - baseline
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
+        peak = _proc_status_bytes("VmHWM") - baseline
     return {
         "method": method,
         "device": device,
@@ -70,6 +69,21 @@ def run_child(method: str, device: str, tokens: int, vocab: int, hidden: int, ch
         "seconds": time.perf_counter() - started,
         "logprob_sum": float(logprobs.double().sum()),
     }
+
+
+def _proc_status_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak_rss() -> int:
+    """Resets this process's peak RSS to its current RSS and returns that. ru_maxrss cannot be
+    the baseline: it keeps the peak of the set-up (the LM head's random init makes a temporary as
+    large as the weight), so its growth would leave that much of the method's peak out."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return _proc_status_bytes("VmRSS")
 
 
 def measure(method: str, device: str, args: argparse.Namespace) -> dict:
