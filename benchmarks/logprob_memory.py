@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from benchmarks.common import machine_info
 
 RESULTS = Path(__file__).parent / "results" / "logprob_memory.json"
 
@@ -102,10 +102,10 @@ def device_name(device: str) -> str:
         import torch
 
         return torch.cuda.get_device_name(0)
-    return f"{platform.processor() or platform.machine()} CPU"
+    return f"{machine_info()['cpu']} CPU"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--vocab", type=int, default=150_000)
@@ -116,7 +116,7 @@ def main() -> None:
     )
     parser.add_argument("--child", choices=["naive", "chunked"], help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(RESULTS))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.child:
         print(
             json.dumps(run_child(args.child, args.devices, args.tokens, args.vocab, args.hidden, args.chunk))
@@ -157,8 +157,7 @@ def main() -> None:
         "vocab": args.vocab,
         "hidden": args.hidden,
         "chunk_tokens": args.chunk,
-        "torch": torch.__version__,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()} {platform.release()}",
+        "machine": machine_info(),
         "note": "peak memory of forward + backward above the inputs; each method in a fresh subprocess",
         "results": rows,
     }

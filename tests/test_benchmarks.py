@@ -1,6 +1,7 @@
 """The benchmark scripts measure what they say (small sizes; the full runs are not tests)."""
 
 import argparse
+import json
 
 from benchmarks import logprob_memory
 
@@ -14,3 +15,15 @@ def test_logprob_memory_counts_the_whole_peak_above_the_inputs():
     chunked = logprob_memory.measure("chunked", "cpu", args)
     weight_grad, logits = vocab * hidden * 4, tokens * vocab * 4
     assert chunked["peak_bytes"] >= weight_grad + logits
+
+
+def test_logprob_memory_records_the_machine_it_ran_on(tmp_path):
+    from benchmarks.common import machine_info
+
+    out = tmp_path / "logprob_memory.json"
+    logprob_memory.main(["--tokens", "64", "--vocab", "1000", "--hidden", "32", "--chunk", "32",
+                         "--devices", "cpu", "--out", str(out)])  # fmt: skip
+    report = json.loads(out.read_text())
+    cpu = machine_info()["cpu"]
+    assert report["machine"]["cpu"] == cpu and report["machine"]["torch_threads"] >= 1
+    assert report["results"][0]["device_name"] == f"{cpu} CPU"
