@@ -19,11 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from benchmarks.common import machine_info
 
 RESULTS = Path(__file__).parent / "results" / "reward_throughput.json"
 TESTS = ["assert solve(2) == 4", "assert solve(5) == 25", "assert solve(-3) == 9"]
@@ -88,13 +89,13 @@ def bench_math(pairs: list[tuple[str, str]], num_workers: int) -> dict:
             "checks_per_s": len(pairs) / seconds, "fraction_equal": sum(scores) / len(scores)}  # fmt: skip
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--programs", type=int, default=64)
     parser.add_argument("--pool-sizes", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--math-checks", type=int, default=120)
     parser.add_argument("--no-ray", action="store_true", help="skip the Ray pool measurement")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from rlcpm.rewards.sandbox import detect_isolation
 
@@ -120,12 +121,7 @@ def main() -> None:
     math = [bench_math(pairs, n) for n in math_sizes]
 
     result = {
-        "machine": {
-            "cpus": os.cpu_count(),
-            "load_average_1m": os.getloadavg()[0],
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-        },
+        "machine": {**machine_info(), "load_average_1m": os.getloadavg()[0]},
         "isolation": detect_isolation().level,
         "code_tests_per_program": len(TESTS),
         "code_sandbox": sandbox,

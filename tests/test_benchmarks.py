@@ -27,3 +27,13 @@ def test_logprob_memory_records_the_machine_it_ran_on(tmp_path):
     cpu = machine_info()["cpu"]
     assert report["machine"]["cpu"] == cpu and report["machine"]["torch_threads"] >= 1
     assert report["results"][0]["device_name"] == f"{cpu} CPU"
+
+
+def test_reward_throughput_records_the_machine_it_ran_on(tmp_path, monkeypatch):
+    from benchmarks import reward_throughput
+    from benchmarks.common import machine_info
+
+    monkeypatch.setattr(reward_throughput, "RESULTS", tmp_path / "reward_throughput.json")
+    reward_throughput.main(["--programs", "2", "--pool-sizes", "1", "--math-checks", "2", "--no-ray"])
+    machine = json.loads((tmp_path / "reward_throughput.json").read_text())["machine"]
+    assert machine["cpu"] == machine_info()["cpu"] and "load_average_1m" in machine
