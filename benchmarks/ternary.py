@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from functools import partial
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.common import machine_info
 from rlcpm.kernels.ternary import pack_ternary, ternary_matmul_reference
 
 RESULTS = Path(__file__).parent / "results"
@@ -107,9 +107,7 @@ def run_cpu() -> dict:
                 print_row(rows[-1], ("dense_ms", "ternary_reference_ms"))
     return {
         "device": "cpu",
-        "cpu": platform.processor() or platform.machine(),
-        "num_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
+        "machine": machine_info(),
         "group_size": GROUP_SIZE,
         "note": "CPU path = PyTorch reference (unpack + dense matmul per call): it saves memory at rest, not time",
         "results": rows,
@@ -213,8 +211,7 @@ def run_gpu(sweep: bool) -> dict:
             print_row(row, ("dense_ms", "ternary_triton_ms", "best_sweep_ms"))
     return {
         "device": "cuda",
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
+        "machine": machine_info(),
         "triton": triton.__version__,
         "group_size": GROUP_SIZE,
         "timing": "triton.testing.do_bench median, warmup 25 ms, rep 100 ms",

@@ -37,3 +37,14 @@ def test_reward_throughput_records_the_machine_it_ran_on(tmp_path, monkeypatch):
     reward_throughput.main(["--programs", "2", "--pool-sizes", "1", "--math-checks", "2", "--no-ray"])
     machine = json.loads((tmp_path / "reward_throughput.json").read_text())["machine"]
     assert machine["cpu"] == machine_info()["cpu"] and "load_average_1m" in machine
+
+
+def test_ternary_records_the_machine_it_ran_on(tmp_path, monkeypatch):
+    from benchmarks import ternary
+    from benchmarks.common import machine_info
+
+    monkeypatch.setattr(ternary, "CPU_SHAPES", [(64, 64)])
+    monkeypatch.setattr(ternary, "TOKENS", [1])
+    ternary.main(["--out", str(tmp_path / "ternary_cpu.json")])
+    report = json.loads((tmp_path / "ternary_cpu.json").read_text())
+    assert report["machine"]["cpu"] == machine_info()["cpu"] and report["machine"]["torch_threads"] == 1
