@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import machine_info
+
 RESULTS = Path(__file__).parent / "results" / "ternary_qat.json"
 SFT_RECIPE = Path("recipes/quickstart_sft.yaml")
 SFT_MODEL = Path(".cache/rlcpm/quickstart-sft")
@@ -178,7 +180,7 @@ def main(argv: list[str] | None = None) -> None:
         "qat_over_full_precision": packed_accuracy / control_accuracy if control_accuracy else None,
         "seconds_full_precision_control": control_seconds,
         "seconds_qat": qat_seconds,
-        "torch_threads": torch.get_num_threads(),
+        "machine": machine_info(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
