@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> dict:
         "--dtype", default="float32", choices=["float32", "bfloat16"], help="the engines' dtype"
     )
     args = parser.parse_args(argv)
+    if not 0 <= args.warmup < args.steps:
+        parser.error(f"--warmup ({args.warmup}) must leave steps to time: 0 <= warmup < --steps")
 
     import ray
 

@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--child", nargs=2, metavar=("SYSTEM", "MODEL_DIR"))
     parser.add_argument("--tmp", default=None)
     args = parser.parse_args(argv)
+    if not 0 <= args.warmup < args.steps:
+        parser.error(f"--warmup ({args.warmup}) must leave steps to time: 0 <= warmup < --steps")
     if args.child:
         child(args.child[0], args.child[1], args)
         return {}

@@ -3,6 +3,8 @@
 import argparse
 import json
 
+import pytest
+
 from benchmarks import logprob_memory
 
 
@@ -48,3 +50,13 @@ def test_ternary_records_the_machine_it_ran_on(tmp_path, monkeypatch):
     ternary.main(["--out", str(tmp_path / "ternary_cpu.json")])
     report = json.loads((tmp_path / "ternary_cpu.json").read_text())
     assert report["machine"]["cpu"] == machine_info()["cpu"] and report["machine"]["torch_threads"] == 1
+
+
+def test_step_benchmarks_refuse_a_warmup_that_leaves_no_step_before_running(capsys):
+    from benchmarks import chunked_vs_sync, vs_trl
+
+    for benchmark in (chunked_vs_sync, vs_trl):
+        with pytest.raises(SystemExit) as exit_info:
+            benchmark.main(["--steps", "2", "--warmup", "2"])
+        assert exit_info.value.code == 2
+        assert "--warmup (2) must leave steps to time" in capsys.readouterr().err
