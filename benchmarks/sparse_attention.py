@@ -277,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=16, help="GPU: decoding sequences")
     parser.add_argument("--out", default=None, help="result file name (default sparse_attention_cpu/gpu)")
     args = parser.parse_args(argv)
+    if args.check_only and not args.gpu:  # else it would run (and write) the CPU benchmark
+        parser.error("--check-only checks the Triton kernels on CUDA: use it with --gpu")
     if args.gpu:
         if not torch.cuda.is_available():
             print("--gpu: no CUDA device", file=sys.stderr)

@@ -60,3 +60,15 @@ def test_step_benchmarks_refuse_a_warmup_that_leaves_no_step_before_running(caps
             benchmark.main(["--steps", "2", "--warmup", "2"])
         assert exit_info.value.code == 2
         assert "--warmup (2) must leave steps to time" in capsys.readouterr().err
+
+
+def test_sparse_attention_check_only_without_gpu_is_refused_not_a_cpu_run(monkeypatch, capsys):
+    from benchmarks import sparse_attention
+
+    def cpu_decode(*args, **kwargs):
+        raise AssertionError("ran (and would have written) the CPU benchmark")
+
+    monkeypatch.setattr(sparse_attention, "cpu_decode", cpu_decode)
+    with pytest.raises(SystemExit) as exit_info:
+        sparse_attention.main(["--check-only"])
+    assert exit_info.value.code == 2 and "use it with --gpu" in capsys.readouterr().err
