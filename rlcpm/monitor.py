@@ -37,24 +37,22 @@ def setup_logging(level: str = "INFO") -> None:
     logger = logging.getLogger("rlcpm")
     logger.setLevel(level)
     if not any(getattr(h, "_rlcpm", False) for h in logger.handlers):
-        handler = _StderrHandler()
+        handler = logging.StreamHandler(_CurrentStderr())
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         handler._rlcpm = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
         logger.propagate = False
 
 
-class _StderrHandler(logging.StreamHandler):
-    """Writes to `sys.stderr` as it is at each line, not at setup: while the progress bar is live,
-    that is its redirect, which prints the line above the bar."""
+class _CurrentStderr:
+    """`sys.stderr` as it is at each write, not at setup: while the progress bar is live, that is
+    its redirect, which prints a log line above the bar."""
 
-    @property
-    def stream(self):
-        return sys.stderr
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
 
-    @stream.setter
-    def stream(self, value) -> None:
-        pass
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 class Monitor:

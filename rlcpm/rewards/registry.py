@@ -9,6 +9,7 @@ import math
 import numbers
 import threading
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,10 +76,8 @@ def reward(
                     f"pick another name for {entry.path}"
                 )
             _REGISTRY[entry.name] = entry
-        try:
+        with suppress(AttributeError):  # a bound method takes no attributes: it is found by name only
             fn.__rlcpm_reward__ = entry
-        except AttributeError:  # a bound method takes no attributes: it is found by name only
-            pass
         return fn
 
     return register
